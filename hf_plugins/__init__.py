@@ -1,3 +1,28 @@
-"""hf-plugins: recent LLM-systems research as plugins for the Hugging Face stack."""
+"""hf-plugins: recent LLM-systems research as plugins for the Hugging Face stack.
+
+``import hf_plugins`` registers every plugin with transformers once; it initialises no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ._registry import register_all
+from .quantizers import AwqConfig, AwqLinear, quantize
 
 __version__ = "0.1.0"
+__all__ = ["AwqConfig", "AwqLinear", "assets", "evaluation", "quantize", "register_lora", "__version__"]
+
+register_all()
+
+_LAZY_SUBMODULES = ("assets", "evaluation")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "register_lora":
+        from .peft_support import register_lora
+
+        return register_lora
+    raise AttributeError(f"module 'hf_plugins' has no attribute {name!r}")

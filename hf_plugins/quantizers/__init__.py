@@ -1,0 +1,34 @@
+"""Quantization methods. Each method package has config.py, quantizer.py, its algorithm and modules.py."""
+
+from __future__ import annotations
+
+from .awq.config import AwqConfig
+from .awq.modules import AwqLinear
+from .awq.quantizer import AwqHfQuantizer, attach_quantizer, quantize_awq_
+
+__all__ = ["AwqConfig", "AwqHfQuantizer", "AwqLinear", "quantize"]
+
+
+def quantize(model, config, calibration_data=None, tokenizer=None):
+    """Quantize a loaded ``PreTrainedModel`` in place, as ``from_pretrained(..., quantization_config=config)`` would.
+
+    Args:
+        model: a float ``PreTrainedModel`` (not yet quantized).
+        config: a quantization config of ours, e.g. ``AwqConfig(bits=4, group_size=128)``.
+        calibration_data: a list of documents, a packaged text name (``"wiki"``), or token ids
+            ``[n_samples, seq_len]``; defaults to ``config.calibration``.
+        tokenizer: tokenizer for text calibration data (default: ``config.tokenizer`` or the model folder's).
+
+    Returns:
+        The method's calibration report (None when nothing was calibrated). Afterwards ``model.save_pretrained``
+        writes a checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads bit-identically.
+    """
+    if not isinstance(config, AwqConfig):
+        raise TypeError(f"hf_plugins.quantize supports AwqConfig, got {type(config).__name__}.")
+    if getattr(model, "is_quantized", False):
+        raise ValueError(
+            f"the model is already quantized ({getattr(model, 'quantization_method', '?')}); quantize a float model."
+        )
+    resolved, report = quantize_awq_(model, config, calibration_data=calibration_data, tokenizer=tokenizer)
+    attach_quantizer(model, resolved)
+    return report

@@ -4,8 +4,10 @@ Layout (AutoAWQ ``WQLinear_GEMM`` / llm-awq v1, the format of AWQ checkpoints on
 
 - ``qweight``: int32 ``[in_features, out_features // 8]``; each word holds 8 output channels, nibble ``j``
   (bits ``4j .. 4j+3``) holding channel ``AWQ_ORDER[j]`` of its group of 8.
-- ``qzeros``: int32 ``[in_features // group_size, out_features // 8]``, same interleave, integer zero points.
-- ``scales``: float (fp16 in checkpoints) ``[in_features // group_size, out_features]``.
+- ``qzeros``: int32 ``[groups, out_features // 8]``, same interleave, integer zero points.
+- ``scales``: float (fp16 in checkpoints) ``[groups, out_features]``.
+- ``groups = ceil(in_features / group_size)``: when the group size does not divide ``in_features`` the last group
+  is partial (an extension of the format; standard checkpoints always have full groups).
 - dequantized weight ``W[k, n] = (q[k, n] - z[k // group_size, n]) * s[k // group_size, n]``, so
   ``y = x @ W`` with ``W`` laid out ``[in, out]``.
 """
@@ -48,8 +50,9 @@ def awq_dequantize(
 ) -> torch.Tensor:
     """Dequantize to ``[in_features, out_features]`` in float32."""
     codes = unpack_awq(qweight).to(torch.float32)
-    zeros = unpack_awq(qzeros).to(torch.float32).repeat_interleave(group_size, dim=0)
-    return (codes - zeros) * scales.to(torch.float32).repeat_interleave(group_size, dim=0)
+    in_features = codes.shape[0]
+    zeros = unpack_awq(qzeros).to(torch.float32).repeat_interleave(group_size, dim=0)[:in_features]
+    return (codes - zeros) * scales.to(torch.float32).repeat_interleave(group_size, dim=0)[:in_features]
 
 
 def awq_gemm_reference(

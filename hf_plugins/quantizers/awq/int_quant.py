@@ -1,7 +1,9 @@
 """Group-wise asymmetric integer quantization (round-to-nearest with an integer zero point).
 
 Shapes follow ``nn.Linear``: weights are ``[out_features, in_features]`` and groups run along ``in_features``.
-``group_size=-1`` means one group per output channel (per-channel quantization).
+``group_size=-1`` means one group per output channel (per-channel quantization). When ``group_size`` does not
+divide ``in_features`` (SmolLM2's hidden size 576 with groups of 128), the last group is partial: there are
+``ceil(in / g)`` groups and the last one covers the remaining ``in % g`` channels.
 """
 
 from __future__ import annotations
@@ -9,21 +11,32 @@ from __future__ import annotations
 import torch
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of quantization groups along ``in_features`` (the last one may be partial)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[out, groups, g]``, zero-padding a partial last group.
+
+    Zero padding leaves each group's min/max unchanged because the range is always widened to include 0.
+    """
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
-    if in_features % group:
-        raise ValueError(
-            f"group_size={group_size} must divide in_features={in_features}; pick a divisor or -1 (per-channel)."
-        )
-    return weight.reshape(out_features, in_features // group, group), group
+    groups = num_groups(in_features, group_size)
+    padded = torch.nn.functional.pad(weight, (0, groups * group - in_features))
+    return padded.reshape(out_features, groups, group)
+
+
+def _ungrouped(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+    return grouped.reshape(grouped.shape[0], -1)[:, :in_features]
 
 
 def compute_scales_zeros(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scales ``[out, in // g]`` (rounded to ``scale_dtype``) and integer zeros ``[out, in // g]``."""
-    grouped, _ = _grouped(weight.float(), group_size)
+    """Per-group scales (rounded to ``scale_dtype``) and integer zeros, both ``[out, ceil(in / g)]``."""
+    grouped = _grouped(weight.float(), group_size)
     w_max = grouped.amax(-1).clamp_min(0.0)
     w_min = grouped.amin(-1).clamp_max(0.0)
     q_max = 2**bits - 1
@@ -37,21 +50,21 @@ def quantize_groupwise(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight [out, in]``.
 
-    Returns ``codes`` int32 ``[out, in]`` in ``[0, 2^bits - 1]``, ``scales`` float32 ``[out, in // g]`` (values
-    exactly representable in ``scale_dtype``) and ``zeros`` int32 ``[out, in // g]``.
+    Returns ``codes`` int32 ``[out, in]`` in ``[0, 2^bits - 1]``, ``scales`` float32 ``[out, ceil(in / g)]`` (values
+    exactly representable in ``scale_dtype``) and ``zeros`` int32 ``[out, ceil(in / g)]``.
     """
     scales, zeros = compute_scales_zeros(weight, bits, group_size, scale_dtype)
-    grouped, _ = _grouped(weight.float(), group_size)
+    grouped = _grouped(weight.float(), group_size)
     codes = torch.clamp(torch.round(grouped / scales[..., None]) + zeros[..., None], 0, 2**bits - 1)
-    return codes.to(torch.int32).reshape(weight.shape), scales, zeros
+    return _ungrouped(codes.to(torch.int32), weight.shape[1]), scales, zeros
 
 
 def dequantize_groupwise(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_groupwise` up to rounding: float32 ``[out, in]``."""
-    grouped, _ = _grouped(codes.float(), group_size)
-    return ((grouped - zeros[..., None].float()) * scales[..., None]).reshape(codes.shape)
+    grouped = _grouped(codes.float(), group_size)
+    return _ungrouped((grouped - zeros[..., None].float()) * scales[..., None], codes.shape[1])
 
 
 def fake_quantize(

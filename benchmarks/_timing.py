@@ -1,0 +1,80 @@
+"""Tiny shared CPU timing helper for the benchmarks: pinned threads, median + min, and the load of other jobs.
+
+The shared CI boxes run with a noisy neighbour (about one core busy), so every timing records how busy the
+rest of the machine was while it ran (``other_cores_busy``, in cores), read from ``/proc/stat`` minus this
+process's own CPU time. 1-thread medians are the primary numbers; 2-thread medians snap to the ~4 ms CFS
+slice when a neighbour is busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measurement: per-call wall time in milliseconds and the other-core load while it ran."""
+
+    median_ms: float
+    min_ms: float
+    runs: int
+    other_cores_busy: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _busy_jiffies_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), or None without ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def time_fn(fn: Callable[[], object], min_time_s: float = 0.3, min_runs: int = 5, max_runs: int = 500) -> Timing:
+    """Time ``fn()`` per call after 3 warm-up calls; run until ``min_time_s`` and ``min_runs`` are both reached."""
+    for _ in range(3):
+        fn()
+    busy0, cpu0, wall0 = _busy_jiffies_seconds(), time.process_time(), time.perf_counter()
+    samples: list[float] = []
+    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - wall0 < min_time_s):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    busy1, cpu1, wall1 = _busy_jiffies_seconds(), time.process_time(), time.perf_counter()
+    other = float("nan") if busy0 is None else max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / (wall1 - wall0)
+    return Timing(
+        median_ms=statistics.median(samples) * 1e3,
+        min_ms=min(samples) * 1e3,
+        runs=len(samples),
+        other_cores_busy=round(other, 2),
+    )
+
+
+def machine_name() -> str:
+    """A short machine tag for result file names: host, CPU capability as ATen sees it, core count."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return f"{platform.node() or 'host'}-{capability}-{os.cpu_count()}c"

@@ -1,0 +1,29 @@
+"""The one place that registers our plugins with transformers. Idempotent; touches no GPU."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .quantizers import AwqConfig, AwqHfQuantizer
+from .quantizers.awq.config import QUANT_METHOD as AWQ_METHOD
+from .quantizers.checkpoint import CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig
+
+QUANTIZATION_METHODS = {AWQ_METHOD: (AwqConfig, AwqHfQuantizer)}
+
+
+def register_all() -> None:
+    """Register quantization configs, quantizers and the checkpoint model type (safe to call repeatedly)."""
+    for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
+        if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            register_quantization_config(method)(config_cls)
+        if method not in AUTO_QUANTIZER_MAPPING:
+            register_quantizer(method)(quantizer_cls)
+    if CHECKPOINT_MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)

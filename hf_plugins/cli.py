@@ -1,0 +1,125 @@
+"""The ``hf-plugins`` command: demo, quantize, eval, generate. Uses only the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import demo as demo_job
+
+logger = logging.getLogger("hf_plugins.cli")
+
+
+def _add_quant_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 per-channel (default 128)")
+    parser.add_argument("--calibration", default="wiki", help="packaged text: wiki, news or code (default wiki)")
+    parser.add_argument("--calibration-samples", type=int, default=None, help="calibration sequences")
+    parser.add_argument("--calibration-seq-len", type=int, default=None, help="tokens per calibration sequence")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-plugins", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="fp32 vs RTN vs AWQ on a packaged real model: quality, memory, speed")
+    demo.add_argument("--model", default="smollm2-135m", help="packaged model id (default smollm2-135m)")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for JSON, chart, checkpoints")
+    demo.add_argument("--eval-docs", type=int, default=8, help="held-out documents per text (default 8)")
+    demo.add_argument("--new-tokens", type=int, default=32, help="tokens for the decode-speed sample")
+    _add_quant_args(demo)
+
+    quant = sub.add_parser("quantize", help="quantize a model folder or packaged model id and save it")
+    quant.add_argument("model", help="a model folder or a packaged model id (e.g. smollm2-135m)")
+    quant.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    quant.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    _add_quant_args(quant)
+
+    evaluate = sub.add_parser("eval", help="held-out perplexity of a model folder or packaged model id")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--text", action="append", choices=["wiki", "news", "code"], help="repeatable; default wiki")
+    evaluate.add_argument("--docs", type=int, default=8, help="documents per text")
+    evaluate.add_argument("--window", type=int, default=512)
+    evaluate.add_argument("--json", type=Path, help="also write the results here")
+
+    generate = sub.add_parser("generate", help="greedy continuation of a prompt")
+    generate.add_argument("model")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    return parser
+
+
+def _quant_config(args: argparse.Namespace, method: str):
+    from . import AwqConfig
+
+    extra = {}
+    if args.calibration_samples is not None:
+        extra["calibration_samples"] = args.calibration_samples
+    if args.calibration_seq_len is not None:
+        extra["calibration_seq_len"] = args.calibration_seq_len
+    searches = method == "awq"
+    return AwqConfig(
+        bits=args.bits, group_size=args.group_size, calibration=args.calibration if searches else None,
+        scale_search=searches, clip=searches, **extra,
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quantize
+    from .demo import load_any, save_atomically
+
+    model, tokenizer = load_any(args.model)
+    config = _quant_config(args, args.method)
+    report = quantize(model, config, tokenizer=tokenizer)
+    if report is not None:
+        print(report)
+    save_atomically(model, tokenizer, args.out)
+    print(f"saved {args.method.upper()} W{args.bits} g{args.group_size} model to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .demo import heldout_perplexity, load_any
+
+    model, tokenizer = load_any(args.model)
+    results = {
+        text: heldout_perplexity(model, tokenizer, text, args.docs, window=args.window)
+        for text in (args.text or ["wiki"])
+    }
+    for text, ppl in results.items():
+        print(f"{text:>6}: perplexity {ppl:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .demo import greedy_sample, load_any
+
+    model, tokenizer = load_any(args.model)
+    print(greedy_sample(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {
+        "demo": lambda a: demo_job.run(a, _quant_config),
+        "quantize": _cmd_quantize,
+        "eval": _cmd_eval,
+        "generate": _cmd_generate,
+    }
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
+        print(f"hf-plugins {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The AWQ transform (Lin et al., as implemented in llm-awq / AutoAWQ) on a float model, block by block.
+
+:func:`apply_awq` leaves the float model with AWQ-transformed weights: per scaling group, the best activation-aware
+input scales are multiplied into the linears and ``1 / s`` is folded into the producing op (the model function is
+unchanged), then the weights are clipped. Real quantization (``quantize_groupwise``) and packing come after, from
+the caller. Which linears form groups, what produces their input and which rows may be clipped is found from the
+module graph (:mod:`.scaling_groups`), so any decoder-only architecture works without a per-model table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .calibration import (
+    BlockCall,
+    capture_block_activations,
+    capture_block_inputs,
+    find_decoder_blocks,
+    held_bytes,
+    propagate,
+)
+from .scaling_groups import BlockLayout, discover_block_layout, fold_scales
+from .search import WeightQuantizer, apply_clip, search_best_clip, search_best_scales
+
+logger = logging.getLogger(__name__)
+
+# Graph discovery reruns the block a few dozen times; a short single-sequence probe keeps that negligible.
+PROBE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One scaling group: ``producer -> linears``, the module whose output was compared, and the search result.
+
+    ``error_rtn`` / ``error_awq``: MSE of ``inspected``'s output with plain RTN (``s = 1``) / with the chosen
+    scales, before clipping.
+    """
+
+    producer: str
+    linears: tuple[str, ...]
+    inspected: str
+    best_alpha: float
+    error_rtn: float
+    error_awq: float
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What AWQ did to one decoder block (names are relative to the block).
+
+    - ``unscaled``: linears without a foldable producer (e.g. ``o_proj`` under GQA); they are only clipped.
+    - ``clipped``: linear -> number of ``(row, group)`` ranges whose max was shrunk.
+    - ``clip_skipped``: linears not clipped because their outputs feed attention scores (q, k) or are not
+      quantized.
+    - ``held_bytes``: calibration activations alive while this block was processed (its inputs, outputs and
+      captured module inputs).
+    - ``seconds``: wall time of each phase.
+    """
+
+    name: str
+    groups: tuple[GroupReport, ...]
+    unscaled: tuple[str, ...]
+    clipped: dict[str, int]
+    clip_skipped: tuple[str, ...]
+    held_bytes: int
+    seconds: dict[str, float]
+
+
+@dataclass
+class AwqReport:
+    """Per-block record of an :func:`apply_awq` run; ``print(report)`` shows a table."""
+
+    bits: int
+    group_size: int
+    n_samples: int
+    seq_len: int
+    blocks: list[BlockReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def phase_seconds(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for block in self.blocks:
+            for phase, seconds in block.seconds.items():
+                totals[phase] = totals.get(phase, 0.0) + seconds
+        return totals
+
+    def __str__(self) -> str:
+        phases = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.phase_seconds().items())
+        peak_mib = max((block.held_bytes for block in self.blocks), default=0) / 2**20
+        lines = [
+            f"AWQ W{self.bits} g{self.group_size}: {len(self.blocks)} blocks, calibration {self.n_samples}x"
+            f"{self.seq_len} tokens, {self.seconds:.1f} s ({phases}), peak activations {peak_mib:.0f} MiB",
+            f"{'block':<18} {'producer':<28} {'linears':<44} {'inspected':<18} {'alpha':>5} "
+            f"{'mse rtn':>10} {'mse awq':>10}",
+        ]
+        for block in self.blocks:
+            for group in block.groups:
+                lines.append(
+                    f"{block.name:<18} {group.producer:<28} {', '.join(group.linears):<44} "
+                    f"{group.inspected:<18} {group.best_alpha:>5.2f} {group.error_rtn:>10.3e} "
+                    f"{group.error_awq:>10.3e}"
+                )
+            clipped = ", ".join(f"{name} {count}" for name, count in block.clipped.items())
+            lines.append(
+                f"{block.name:<18} unscaled: {', '.join(block.unscaled) or '-'}; clipped (row, group) ranges: "
+                f"{clipped or '-'}; clip skipped: {', '.join(block.clip_skipped) or '-'}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    quantizer: WeightQuantizer
+    n_grid: int
+    duo_scaling: bool
+    clip: bool
+    clip_tokens: int
+    modules_to_not_convert: tuple[str, ...]
+
+    def converts(self, full_name: str) -> bool:
+        return should_convert_module(full_name, list(self.modules_to_not_convert))
+
+
+def apply_awq(
+    model: nn.Module,
+    calibration_ids: torch.LongTensor,
+    *,
+    bits: int,
+    group_size: int,
+    modules_to_not_convert: Iterable[str] = frozenset(),
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+    clip: bool = True,
+    clip_tokens: int = 512,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> AwqReport:
+    """AWQ-transform the float ``model`` in place with ``calibration_ids [n_samples, seq_len]``.
+
+    Args:
+        bits, group_size: the weight quantizer the search optimises for (``group_size=-1``: per channel); the
+            caller must quantize with the same ``quantize_groupwise(weight, bits, group_size)``.
+        modules_to_not_convert: full-name patterns (transformers' ``should_convert_module`` rules) of linears
+            that stay float: they are neither quantized in the search nor clipped.
+        n_grid: scale candidates ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}``.
+        duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
+        clip: run the weight-clipping search after scaling.
+        clip_tokens: how many evenly spaced calibration tokens the clip search uses.
+        batch_size: samples per forward when running blocks (bounds the per-forward activation memory).
+        progress: show a progress bar over blocks.
+
+    Returns:
+        An :class:`AwqReport`. The model is in its original train/eval mode again.
+    """
+    _validate(calibration_ids, bits, group_size, n_grid, clip_tokens, batch_size)
+    settings = _Settings(
+        WeightQuantizer(bits, group_size), n_grid, duo_scaling, clip, clip_tokens, tuple(modules_to_not_convert)
+    )
+    blocks_name, blocks = find_decoder_blocks(model)
+    report = AwqReport(bits, group_size, *calibration_ids.shape)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(blocks[0].parameters()).device
+        calls = capture_block_inputs(model, blocks[0], calibration_ids.to(device), batch_size)
+        probe = capture_block_inputs(model, blocks[0], calibration_ids[:1, :PROBE_TOKENS].to(device), 1)
+        for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=not progress)):
+            block_report, calls, probe = _transform_block(block, f"{blocks_name}.{index}", calls, probe, settings)
+            report.blocks.append(block_report)
+            _log_block(block_report)
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self._last
+        self._last = now
+
+
+@torch.inference_mode()
+def _transform_block(
+    block: nn.Module, name: str, calls: list[BlockCall], probe: list[BlockCall], settings: _Settings
+) -> tuple[BlockReport, list[BlockCall], list[BlockCall]]:
+    """Search, fold and clip one block; returns its report and the (float) next-block inputs and probe."""
+    stopwatch = _Stopwatch()
+    layout = discover_block_layout(block, probe[0])
+    quantized = {linear: settings.converts(f"{name}.{linear}") for names in layout.input_sets for linear in names}
+    groups = [group for group in layout.groups if any(quantized[linear] for linear in group.linears)]
+    stopwatch.lap("discover")
+
+    activations = capture_block_activations(
+        block,
+        calls,
+        replay_modules={group.inspect for group in groups},
+        input_linears=[names[0] for names in layout.input_sets],
+        n_sample_tokens=settings.clip_tokens,
+    )
+    next_probe = propagate(block, probe)
+    held = held_bytes(calls, activations)
+    stopwatch.lap("capture")
+
+    group_reports = []
+    input_scales: dict[str, torch.Tensor] = {}
+    results = []
+    for group in groups:
+        result = search_best_scales(
+            block.get_submodule(group.inspect),
+            activations.replay_inputs[group.inspect],
+            [block.get_submodule(linear) for linear in group.linears],
+            [quantized[linear] for linear in group.linears],
+            activations.input_abs_mean[group.linears[0]],
+            settings.quantizer,
+            settings.n_grid,
+            settings.duo_scaling,
+        )
+        results.append(result)
+        group_reports.append(
+            GroupReport(
+                str(group.producer), group.linears, group.inspect, result.best_alpha, result.error_rtn,
+                result.error_awq,
+            )
+        )
+    # AutoAWQ order: all groups are searched on the unmodified block, then every scale is applied.
+    for group, result in zip(groups, results):
+        fold_scales(block, group, result.scales)
+        input_scales.update({linear: result.scales for linear in group.linears})
+    activations.replay_inputs.clear()
+    stopwatch.lap("scale_search")
+
+    clipped = _clip_block(block, layout, quantized, activations.token_samples, input_scales, settings)
+    stopwatch.lap("clip_search")
+
+    block_report = BlockReport(
+        name=name,
+        groups=tuple(group_reports),
+        unscaled=tuple(linear for linear in layout.unscaled_linears if quantized[linear]),
+        clipped=clipped,
+        clip_skipped=tuple(linear for linear in quantized if linear not in clipped),
+        held_bytes=held,
+        seconds=stopwatch.laps,
+    )
+    return block_report, activations.outputs, next_probe
+
+
+def _clip_block(
+    block: nn.Module,
+    layout: BlockLayout,
+    quantized: dict[str, bool],
+    token_samples: dict[str, torch.Tensor],
+    input_scales: dict[str, torch.Tensor],
+    settings: _Settings,
+) -> dict[str, int]:
+    """Clip every quantized linear's clippable rows; returns linear -> number of shrunk (row, group) ranges."""
+    if not settings.clip:
+        return {}
+    clipped = {}
+    for names in layout.input_sets:
+        for linear in names:
+            if not quantized[linear] or linear not in layout.clip_rows:
+                continue
+            # The weights now hold W * s, so the matching inputs are x / s.
+            inputs = token_samples[names[0]]
+            if linear in input_scales:
+                inputs = inputs / input_scales[linear]
+            weight = block.get_submodule(linear).weight.detach()[layout.clip_rows[linear]]
+            max_val = search_best_clip(weight, inputs, settings.quantizer)
+            clipped[linear] = apply_clip(weight, max_val, settings.quantizer)
+    return clipped
+
+
+def _log_block(block: BlockReport) -> None:
+    gains = [group.error_awq / group.error_rtn for group in block.groups if group.error_rtn > 0]
+    mean_gain = sum(gains) / len(gains) if gains else float("nan")
+    logger.info(
+        "AWQ %s: %d scaling groups (mean output MSE awq/rtn %.3f), %d linears clipped, %d unscaled, %.1f s",
+        block.name,
+        len(block.groups),
+        mean_gain,
+        len(block.clipped),
+        len(block.unscaled),
+        sum(block.seconds.values()),
+    )
+
+
+def _validate(
+    calibration_ids: torch.Tensor, bits: int, group_size: int, n_grid: int, clip_tokens: int, batch_size: int
+) -> None:
+    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2 or calibration_ids.is_floating_point():
+        shape = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else type(calibration_ids)
+        raise ValueError(
+            f"calibration_ids must be an integer tensor [n_samples, seq_len], got {shape}; tokenize the calibration "
+            "text and stack equal-length samples."
+        )
+    if calibration_ids.numel() == 0:
+        raise ValueError(f"calibration_ids is empty ({tuple(calibration_ids.shape)}); pass at least one token.")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}; AWQ is usually run with bits=4.")
+    if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}.")
+    for name, value in (("n_grid", n_grid), ("clip_tokens", clip_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -1,0 +1,171 @@
+"""``AwqConfig``: the user-facing configuration of our AWQ quantizer (a transformers quantization config)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "hf_plugins_awq"
+"""Our ``quant_method``: distinct from transformers' built-in ``"awq"`` so both can coexist."""
+
+ALLOWED_BITS = range(2, 9)
+ALLOWED_GROUP_SIZES = (32, 64, 128, -1)
+CALIBRATION_ASSETS = ("wiki", "news", "code")
+
+_FIELDS = (
+    "bits",
+    "group_size",
+    "zero_point",
+    "calibration",
+    "calibration_samples",
+    "calibration_seq_len",
+    "scale_search",
+    "n_grid",
+    "duo_scaling",
+    "clip",
+    "clip_tokens",
+    "modules_to_not_convert",
+    "format",
+)
+# Keys that transformers or older versions of this config write back into ``from_dict``.
+_IGNORED_KEYS = {"quant_method", "tokenizer"}
+
+
+class AwqConfig(QuantizationConfigMixin):
+    """Activation-aware weight quantization (AWQ) to ``bits``-bit integers with integer zero points.
+
+    Args:
+        bits (`int`): weight bit width, 2..8. 4 runs the packed int4 kernels; other widths store one code per byte.
+            Default: 4.
+        group_size (`int`): input channels sharing one scale and zero point: 32, 64, 128 or -1 (per output
+            channel). A group size that does not divide a layer's input size gives that layer a partial last
+            group. Default: 128.
+        zero_point (`bool`): asymmetric quantization with an integer zero point; AWQ's symmetric variant is not
+            offered. Must be True. Default: True.
+        calibration (`str | list[str] | None`): calibration text: a packaged text name (``"wiki"``, ``"news"``,
+            ``"code"``; held-out articles are never used) or a list of documents. Needed by
+            ``from_pretrained(..., quantization_config=...)`` when ``scale_search`` or ``clip`` is on; with
+            ``hf_plugins.quantize`` the data can be passed to the call instead. Default: None.
+        calibration_samples (`int`): number of calibration sequences. Default: 32.
+        calibration_seq_len (`int`): tokens per calibration sequence. Default: 512.
+        scale_search (`bool`): AWQ's activation-aware per-channel scale search. Default: True.
+        n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.
+        duo_scaling (`bool`): scale by ``s_x^a / s_w^(1-a)`` (AutoAWQ's default) instead of ``s_x^a``.
+            Default: True.
+        clip (`bool`): AWQ's weight-clipping search. Default: True.
+        clip_tokens (`int`): calibration tokens sampled for the clipping search. Default: 512.
+        modules_to_not_convert (`list[str] | None`): module names (or patterns) to keep in full precision; the
+            output embedding is always kept. Default: None.
+        format (`str`): packed layout; ``"gemm"`` is the AutoAWQ/llm-awq "GEMM" int4 layout. Default: "gemm".
+        tokenizer: tokenizer for the calibration text; not serialized. Default: the model folder's tokenizer.
+
+    With ``scale_search=False`` and ``clip=False`` this is plain round-to-nearest (RTN) in the same format.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        zero_point: bool = True,
+        calibration: str | list[str] | None = None,
+        calibration_samples: int = 32,
+        calibration_seq_len: int = 512,
+        scale_search: bool = True,
+        n_grid: int = 20,
+        duo_scaling: bool = True,
+        clip: bool = True,
+        clip_tokens: int = 512,
+        modules_to_not_convert: list[str] | None = None,
+        format: str = "gemm",
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ):
+        unknown = sorted(set(kwargs) - _IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f"AwqConfig got unknown keys {unknown}; allowed keys are {list(_FIELDS)}.")
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.zero_point = zero_point
+        self.calibration = calibration
+        self.calibration_samples = calibration_samples
+        self.calibration_seq_len = calibration_seq_len
+        self.scale_search = scale_search
+        self.n_grid = n_grid
+        self.duo_scaling = duo_scaling
+        self.clip = clip
+        self.clip_tokens = clip_tokens
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.format = format
+        self.tokenizer = tokenizer
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise ``ValueError``/``TypeError`` naming the field, the value and what is allowed."""
+        _check_int("bits", self.bits, ALLOWED_BITS)
+        _check_int("group_size", self.group_size, ALLOWED_GROUP_SIZES)
+        if self.zero_point is not True:
+            raise ValueError(
+                f"AwqConfig.zero_point must be True (asymmetric INT with integer zeros), got {self.zero_point!r}."
+            )
+        if self.format != "gemm":
+            raise ValueError(f"AwqConfig.format must be 'gemm', got {self.format!r}.")
+        for name in ("calibration_samples", "calibration_seq_len", "n_grid", "clip_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AwqConfig.{name} must be a positive int, got {value!r}.")
+        for name in ("scale_search", "duo_scaling", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"AwqConfig.{name} must be a bool, got {getattr(self, name)!r}.")
+        _check_calibration(self.calibration)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when quantizing needs calibration activations (scale or clip search)."""
+        return self.scale_search or self.clip
+
+    def with_skipped_modules(self, modules: list[str]) -> "AwqConfig":
+        """A copy whose ``modules_to_not_convert`` is exactly ``modules``; the user's config is never mutated."""
+        resolved = copy.copy(self)
+        resolved.modules_to_not_convert = sorted(set(modules))
+        return resolved
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields: the tokenizer is dropped and inline calibration text is recorded as ``"custom"``."""
+        out = {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}
+        if isinstance(self.calibration, list):
+            out["calibration"] = "custom"
+        out["quant_method"] = self.quant_method
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "quant_method")
+        return f"AwqConfig({fields})"
+
+
+def _check_int(name: str, value: Any, allowed) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        shown = f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else list(allowed)
+        raise ValueError(f"AwqConfig.{name} must be one of {shown}, got {value!r}.")
+
+
+def _check_calibration(calibration: Any) -> None:
+    if calibration is None or calibration == "custom":
+        return
+    if isinstance(calibration, str):
+        if calibration not in CALIBRATION_ASSETS:
+            raise ValueError(
+                f"AwqConfig.calibration must be one of {list(CALIBRATION_ASSETS)} or a list of texts, "
+                f"got {calibration!r}."
+            )
+        return
+    if not isinstance(calibration, (list, tuple)) or not calibration or not all(isinstance(t, str) for t in calibration):
+        raise TypeError(
+            "AwqConfig.calibration must be a packaged text name or a non-empty list of strings, "
+            f"got {type(calibration).__name__}."
+        )

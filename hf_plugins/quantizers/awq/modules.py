@@ -1,0 +1,112 @@
+"""``AwqLinear``: the quantized replacement of ``nn.Linear`` (a ``WQLinear_GEMM``-compatible module).
+
+Buffers (the checkpoint format):
+
+- 4 bits, ``out_features % 8 == 0``: the AWQ "GEMM" layout (see ``hf_plugins.kernels.awq_gemm.reference``):
+  ``qweight`` int32 ``[in, out // 8]``, ``qzeros`` int32 ``[groups, out // 8]``, ``scales`` fp16 ``[groups, out]``.
+- other bit widths: one code per byte, ``qweight`` uint8 ``[in, out]``, ``qzeros`` uint8 ``[groups, out]``,
+  ``scales`` fp16 ``[groups, out]``.
+- ``bias`` in the model dtype ``[out]`` when the original layer had one.
+
+``groups = ceil(in / group_size)`` (1 for per-channel ``group_size=-1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...kernels.awq_gemm import awq_gemm, pack_awq, unpack_awq
+from .int_quant import num_groups, quantize_groupwise
+
+
+def uses_awq_layout(bits: int, out_features: int) -> bool:
+    """Whether a layer is stored in the packed int4 AWQ layout (else one code per byte)."""
+    return bits == 4 and out_features % 8 == 0
+
+
+class AwqLinear(nn.Module):
+    """``y = x @ dequant(W) + b`` for ``x [..., in_features]`` -> ``y [..., out_features]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        groups = num_groups(in_features, group_size)
+        if uses_awq_layout(bits, out_features):
+            code_shape, zero_shape, code_dtype = (in_features, out_features // 8), (groups, out_features // 8), torch.int32
+        else:
+            code_shape, zero_shape, code_dtype = (in_features, out_features), (groups, out_features), torch.uint8
+        self.register_buffer("qweight", torch.zeros(code_shape, dtype=code_dtype, device=device))
+        self.register_buffer("qzeros", torch.zeros(zero_shape, dtype=code_dtype, device=device))
+        self.register_buffer("scales", torch.zeros((groups, out_features), dtype=torch.float16, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def kernel_group_size(self) -> int:
+        """Group length along ``in_features`` as the kernels see it (per-channel = one group of all inputs)."""
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "AwqLinear":
+        """Quantize ``linear.weight [out, in]`` round-to-nearest (after AWQ has transformed it, if it ran)."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        codes, scales, zeros = quantize_groupwise(weight, bits, group_size)
+        codes, zeros = codes.t().contiguous(), zeros.t().contiguous()
+        if uses_awq_layout(bits, linear.out_features):
+            module.qweight.copy_(pack_awq(codes))
+            module.qzeros.copy_(pack_awq(zeros))
+        else:
+            module.qweight.copy_(codes.to(torch.uint8))
+            module.qzeros.copy_(zeros.to(torch.uint8))
+        module.scales.copy_(scales.t().to(torch.float16))
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective weight ``[out, in]`` in float32 (for tests, merging and ``dequantize()``)."""
+        if uses_awq_layout(self.bits, self.out_features):
+            codes, zeros = unpack_awq(self.qweight), unpack_awq(self.qzeros)
+        else:
+            codes, zeros = self.qweight.to(torch.int32), self.qzeros.to(torch.int32)
+        group = self.kernel_group_size
+        zeros = zeros.repeat_interleave(group, dim=0)[: self.in_features]
+        scales = self.scales.float().repeat_interleave(group, dim=0)[: self.in_features]
+        return ((codes - zeros).float() * scales).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_awq_layout(self.bits, self.out_features):
+            return awq_gemm(x, self.qweight, self.qzeros, self.scales, self.kernel_group_size, bias=self.bias)
+        # Other widths have no packed kernel: a transient dequantized weight, freed after the call.
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,170 @@
+"""The transformers quantizer for ``AwqConfig`` and the in-place ``quantize`` path both entry points share."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..calibration_data import calibration_blocks, resolve_texts
+from ..checkpoint import mark_config, unmark_config
+from .config import QUANT_METHOD, AwqConfig
+from .modules import AwqLinear
+
+logger = logging.getLogger(__name__)
+
+
+def linears_to_quantize(model: nn.Module, skip: list[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules a config converts: all but the skipped ones."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and should_convert_module(name, skip)
+    ]
+
+
+def resolve_skipped_modules(model, config: AwqConfig) -> list[str]:
+    """The user's skips plus transformers' defaults (output embedding, tied weights, last module)."""
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None)
+    return HfQuantizer.get_modules_to_not_convert(
+        model, config.modules_to_not_convert, keep_fp32, add_default_skips=True
+    )
+
+
+def _calibration_ids(model, config: AwqConfig, calibration_data, tokenizer) -> torch.LongTensor:
+    data = calibration_data if calibration_data is not None else config.calibration
+    if data is None or (isinstance(data, str) and data == "custom"):
+        raise ValueError(
+            "AWQ needs calibration data (scale_search or clip is on): pass calibration_data=texts, or set "
+            "AwqConfig(calibration='wiki'), or disable both searches for plain RTN."
+        )
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.long or data.dim() != 2:
+            raise ValueError(f"calibration token ids must be a LongTensor [n_samples, seq_len], got {data.dtype} {tuple(data.shape)}.")
+        return data
+    tokenizer = tokenizer or config.tokenizer
+    if tokenizer is None:
+        tokenizer = _tokenizer_from_model_folder(model)
+    return calibration_blocks(resolve_texts(data), tokenizer, config.calibration_samples, config.calibration_seq_len)
+
+
+def _tokenizer_from_model_folder(model):
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", None)
+    if not source:
+        raise ValueError("AWQ calibration text needs a tokenizer: pass tokenizer=... (or AwqConfig(tokenizer=...)).")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=None) -> tuple[AwqConfig, Any]:
+    """Calibrate (when asked), then replace every converted linear by an ``AwqLinear``, in place.
+
+    Returns the resolved config (exact skipped-module list, no tokenizer or inline text) and the AWQ report
+    (None for RTN).
+    """
+    skip = resolve_skipped_modules(model, config)
+    report = None
+    if config.needs_calibration:
+        from .algorithm import apply_awq
+
+        ids = _calibration_ids(model, config, calibration_data, tokenizer)
+        report = apply_awq(
+            model,
+            ids.to(model.device),
+            bits=config.bits,
+            group_size=config.group_size,
+            modules_to_not_convert=frozenset(skip),
+            scale_search=config.scale_search,
+            n_grid=config.n_grid,
+            duo_scaling=config.duo_scaling,
+            clip=config.clip,
+            clip_tokens=config.clip_tokens,
+        )
+    names = linears_to_quantize(model, skip)
+    for name in tqdm(names, desc=f"Packing W{config.bits} g{config.group_size}", unit="linear", leave=False):
+        model.set_submodule(name, AwqLinear.from_linear(model.get_submodule(name), config.bits, config.group_size))
+    resolved = config.with_skipped_modules(skip)
+    resolved.tokenizer = None
+    if isinstance(resolved.calibration, list):
+        resolved.calibration = "custom"
+    return resolved, report
+
+
+def attach_quantizer(model, config: AwqConfig) -> None:
+    """Make an in-place quantized model look exactly like one loaded from a quantized checkpoint."""
+    model.hf_quantizer = AwqHfQuantizer(config, pre_quantized=True)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config._is_quantized = True
+    mark_config(model.config)
+
+
+class AwqHfQuantizer(HfQuantizer):
+    """Loads our AWQ checkpoints (modules built on meta, packed tensors loaded as they are) and quantizes float
+    checkpoints inside ``from_pretrained`` by calibrating after the float weights are loaded."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "AWQ models cannot be offloaded to disk (device_map has 'disk'); give the layers cpu or cuda devices."
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        if not self.pre_quantized:
+            return model
+        config = self.quantization_config
+        skip = config.modules_to_not_convert or []
+        for name in linears_to_quantize(model, skip):
+            linear = model.get_submodule(name)
+            with torch.device("meta"):
+                module = AwqLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    config.bits,
+                    config.group_size,
+                    bias=linear.bias is not None,
+                    dtype=dtype or linear.weight.dtype,
+                )
+            model.set_submodule(name, module)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            resolved, _ = quantize_awq_(model, self.quantization_config)
+            self.quantization_config = resolved
+            model.config.quantization_config = resolved
+        mark_config(model.config)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AwqLinear):
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                   device=module.scales.device, dtype=dtype or torch.float32)
+                with torch.no_grad():
+                    linear.weight.copy_(module.dequantized_weight())
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                model.set_submodule(name, linear)
+        unmark_config(model.config)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        """Adapters (LoRA) train on top of the frozen quantized weights."""
+        return True

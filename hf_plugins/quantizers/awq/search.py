@@ -1,0 +1,173 @@
+"""AWQ searches: per-group activation-aware scales and per-(row, group) weight clipping (llm-awq / AutoAWQ).
+
+Both searches quantize with :func:`~hf_plugins.quantizers.awq.int_quant.fake_quantize`, the very quantizer used for
+the final weights, so what the search measures is what the model gets. All math is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibration import ModuleInputs
+from .int_quant import fake_quantize, num_groups
+
+# AutoAWQ: clip search shrinks max|w| by i/20 for i < 10, i.e. down to 0.55 of the original range.
+CLIP_GRID = 20
+CLIP_STEPS = 10
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """Group-wise asymmetric RTN of ``[out, in]`` weights along ``in`` (``group_size=-1``: per channel)."""
+
+    bits: int
+    group_size: int
+
+    def fake(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, self.bits, self.group_size)
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[rows, in]`` -> ``[rows, n_groups, width]``; a partial last group is zero-padded, like the quantizer
+        (zeros change neither a group's ``max|w|`` nor any dot product)."""
+        rows, in_features = weight.shape
+        width = self.group_width(in_features)
+        n_groups = num_groups(in_features, self.group_size)
+        padded = torch.nn.functional.pad(weight, (0, n_groups * width - in_features))
+        return padded.reshape(rows, n_groups, width)
+
+
+@dataclass(frozen=True)
+class ScaleSearchResult:
+    """Best input-channel scales ``[in_features]`` of one group and the inspected module's output MSE.
+
+    ``error_rtn`` is the MSE with plain round-to-nearest (``s = 1``), ``error_awq`` with the chosen scales.
+    """
+
+    scales: torch.Tensor
+    best_alpha: float
+    error_rtn: float
+    error_awq: float
+
+
+def weight_magnitude(weights: list[torch.Tensor], quantizer: WeightQuantizer) -> torch.Tensor:
+    """AutoAWQ's ``w_mean [in]``: ``|W|`` normalised by each quantization group's max, averaged over all rows of
+    the group's linears (``weights`` are ``[out_i, in]``, concatenated along rows)."""
+    weight = torch.cat(weights).float()
+    grouped = quantizer.grouped(weight.abs())
+    normalised = grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)
+    return normalised.reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(0)
+
+
+def candidate_scales(
+    input_magnitude: torch.Tensor, weight_mean: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """``s = s_x^alpha`` (or ``s_x^alpha / w_mean^(1 - alpha)`` with duo scaling), normalised so that
+    ``max(s) * min(s) = 1``; non-finite entries become 1. Inputs and result are ``[in_features]``."""
+    if weight_mean is None:
+        scales = input_magnitude.pow(alpha).clamp(min=1e-4)
+    else:
+        scales = (input_magnitude.pow(alpha) / (weight_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    return torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
+
+
+@torch.inference_mode()
+def search_best_scales(
+    inspected: nn.Module,
+    replay_inputs: list[ModuleInputs],
+    linears: list[nn.Linear],
+    quantized: list[bool],
+    input_magnitude: torch.Tensor,
+    quantizer: WeightQuantizer,
+    n_grid: int,
+    duo_scaling: bool,
+) -> ScaleSearchResult:
+    """Grid-search ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}`` for the group ``linears`` (sharing one input).
+
+    For each candidate ``s``, every quantized linear gets ``W <- Q(W * s) / s``, ``inspected`` is replayed on all
+    mini-batches, and the MSE against its float output is kept. Weights are restored before returning; linears
+    marked not ``quantized`` keep their float weights during the trials. ``input_magnitude`` is ``mean |x| [in]``.
+    """
+    originals = [linear.weight.detach().clone() for linear in linears]
+    reference = [inputs.run(inspected) for inputs in replay_inputs]
+    weight_mean = None
+    if duo_scaling:
+        to_quantize = [weight for weight, flag in zip(originals, quantized) if flag]
+        weight_mean = weight_magnitude(to_quantize, quantizer)
+
+    def error_with(scales: torch.Tensor) -> float:
+        for linear, original, flag in zip(linears, originals, quantized):
+            if flag:
+                linear.weight.copy_(quantizer.fake(original * scales) / scales)
+        error = _mean_squared_error(inspected, replay_inputs, reference)
+        for linear, original in zip(linears, originals):
+            linear.weight.copy_(original)
+        return error
+
+    error_rtn = error_with(torch.ones_like(input_magnitude))
+    best = None
+    for step in range(n_grid):
+        alpha = step / n_grid
+        scales = candidate_scales(input_magnitude, weight_mean, alpha)
+        error = error_with(scales)
+        if best is None or error < best.error_awq:
+            best = ScaleSearchResult(scales, alpha, error_rtn, error)
+    return best
+
+
+def _mean_squared_error(module: nn.Module, replay_inputs: list[ModuleInputs], reference: list[torch.Tensor]) -> float:
+    squared_error = 0.0
+    count = 0
+    for inputs, expected in zip(replay_inputs, reference):
+        difference = inputs.run(module) - expected
+        squared_error += difference.pow(2).sum(dtype=torch.float64).item()
+        count += difference.numel()
+    return squared_error / count
+
+
+@torch.inference_mode()
+def search_best_clip(
+    weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer, rows_per_batch: int = 256
+) -> torch.Tensor:
+    """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for ``inputs [n_tokens, in]``.
+
+    Per (output row, quantization group) tries ``max_val = max|w| * (1 - i / 20)``, ``i = 0..9``, clamps to
+    ``[-max_val, max_val]``, quantizes, and keeps the value with the lowest MSE of the group-partial dot products
+    ``sum_k x[t, k] w[o, k]`` over the tokens. Rows are processed ``rows_per_batch`` at a time to bound memory.
+    """
+    # [n_groups, n_tokens, width]: one batched matmul per group gives every group-partial product at once.
+    grouped_inputs = quantizer.grouped(inputs.float()).transpose(0, 1)
+    best_max = []
+    for rows in weight.float().split(rows_per_batch):
+        grouped = quantizer.grouped(rows)
+        reference = torch.bmm(grouped_inputs, grouped.permute(1, 2, 0))
+        original_max = grouped.abs().amax(dim=-1)
+        batch_best_max = original_max.clone()
+        batch_best_error = torch.full_like(original_max, float("inf"))
+        for step in range(CLIP_STEPS):
+            max_val = original_max * (1 - step / CLIP_GRID)
+            clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
+            quantized = quantizer.fake(clipped.reshape(rows.shape[0], -1)).reshape(grouped.shape)
+            partial = torch.bmm(grouped_inputs, quantized.permute(1, 2, 0))
+            error = (partial - reference).pow(2).mean(dim=1).transpose(0, 1)
+            better = error < batch_best_error
+            batch_best_error = torch.where(better, error, batch_best_error)
+            batch_best_max = torch.where(better, max_val, batch_best_max)
+        best_max.append(batch_best_max)
+    return torch.cat(best_max)
+
+
+@torch.no_grad()
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, quantizer: WeightQuantizer) -> int:
+    """Clamp ``weight [out, in]`` in place to ``[-max_val, max_val]`` per ``(row, group)`` (``max_val`` is
+    ``[out, n_groups]``); returns how many ``(row, group)`` ranges actually shrank."""
+    shrunk = int((max_val < quantizer.grouped(weight).abs().amax(dim=-1)).sum())
+    bound = max_val.repeat_interleave(quantizer.group_width(weight.shape[1]), dim=1)[:, : weight.shape[1]]
+    weight.copy_(torch.clamp(weight, -bound, bound))
+    return shrunk

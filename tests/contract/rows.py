@@ -1,0 +1,41 @@
+"""The contract table: one row per quantization plugin. Every row must pass every test in test_contract.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import hf_plugins
+
+
+@dataclass(frozen=True)
+class ContractRow:
+    """How to build a plugin's config, what it swaps in, and which bad configs must fail with which message."""
+
+    name: str
+    make_config: Callable[..., Any]
+    quantized_module: type
+    # Minimum SNR (dB) of quantized vs float logits on a tiny random model.
+    logits_snr_floor_db: float
+    bad_configs: list[tuple[dict, type, str]] = field(default_factory=list)
+
+
+ROWS = [
+    ContractRow(
+        name="awq-w4g32",
+        make_config=lambda **kw: hf_plugins.AwqConfig(
+            bits=4, group_size=32, calibration_samples=4, calibration_seq_len=32, **kw
+        ),
+        quantized_module=hf_plugins.AwqLinear,
+        logits_snr_floor_db=12.0,
+        bad_configs=[
+            (dict(bits=9), ValueError, r"AwqConfig\.bits must be one of 2\.\.8, got 9"),
+            (dict(group_size=100), ValueError, r"AwqConfig\.group_size must be one of \[32, 64, 128, -1\], got 100"),
+            (dict(zero_point=False), ValueError, r"AwqConfig\.zero_point must be True"),
+            (dict(calibration="pile"), ValueError, r"AwqConfig\.calibration must be one of \['wiki', 'news', 'code'\]"),
+            (dict(bitz=4), ValueError, r"AwqConfig got unknown keys \['bitz'\]"),
+            (dict(n_grid=0), ValueError, r"AwqConfig\.n_grid must be a positive int, got 0"),
+            (dict(clip="yes"), TypeError, r"AwqConfig\.clip must be a bool, got 'yes'"),
+        ],
+    ),
+]

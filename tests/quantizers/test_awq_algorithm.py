@@ -1,0 +1,253 @@
+"""AWQ transform on tiny random models of every architecture: graph-found groups, exact folding, AWQ beats RTN."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from hf_plugins.quantizers.awq.algorithm import apply_awq
+from hf_plugins.quantizers.awq.calibration import capture_block_inputs, find_decoder_blocks, propagate
+from hf_plugins.quantizers.awq.int_quant import fake_quantize
+from hf_plugins.quantizers.awq.scaling_groups import discover_block_layout, fold_scales
+from hf_plugins.quantizers.awq.search import WeightQuantizer, apply_clip, search_best_clip
+from tests.quantizers.tiny_models import TINY_ARCHS, random_token_ids, tiny_model
+from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
+
+N_SAMPLES, SEQ_LEN = 16, 64
+
+_ATTENTION_GQA = {
+    ("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+}
+_MLP = {
+    ("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj"),
+}
+_VALUE_TO_OUTPUT = {("self_attn.v_proj", "linear", ("self_attn.o_proj",), "self_attn.o_proj")}
+_GEMMA_ATTENTION = {
+    ("input_layernorm", "offset_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+}
+_GEMMA_UP_DOWN = {("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj")}
+
+# (producer, fold kind, linears, inspected module) per block, written by hand: the code must find them unaided.
+EXPECTED_GROUPS = {
+    "llama": _ATTENTION_GQA | _MLP,
+    "qwen2": _ATTENTION_GQA | _MLP,
+    "mistral": _ATTENTION_GQA | _VALUE_TO_OUTPUT | _MLP,
+    "phi3": {
+        ("input_layernorm", "norm", ("self_attn.qkv_proj",), "self_attn"),
+        ("self_attn.qkv_proj[128:192]", "linear", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ("post_attention_layernorm", "norm", ("mlp.gate_up_proj",), "mlp"),
+        ("mlp.gate_up_proj[128:256]", "linear", ("mlp.down_proj",), "mlp.down_proj"),
+    },
+    "gemma": _GEMMA_ATTENTION
+    | {("post_attention_layernorm", "offset_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")}
+    | _GEMMA_UP_DOWN,
+    "gemma2": _GEMMA_ATTENTION
+    | {("pre_feedforward_layernorm", "offset_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")}
+    | _GEMMA_UP_DOWN,
+}
+
+_SEPARATE_CLIP_ROWS = {
+    "self_attn.v_proj": (None, None),
+    "self_attn.o_proj": (None, None),
+    "mlp.gate_proj": (None, None),
+    "mlp.up_proj": (None, None),
+    "mlp.down_proj": (None, None),
+}
+# linear -> clipped rows (start, stop); q and k feed attention scores and are never clipped.
+EXPECTED_CLIP_ROWS = {
+    "llama": _SEPARATE_CLIP_ROWS,
+    "qwen2": _SEPARATE_CLIP_ROWS,
+    "mistral": _SEPARATE_CLIP_ROWS,
+    "gemma": _SEPARATE_CLIP_ROWS,
+    "gemma2": _SEPARATE_CLIP_ROWS,
+    "phi3": {
+        "self_attn.qkv_proj": (128, 192),
+        "self_attn.o_proj": (None, None),
+        "mlp.gate_up_proj": (None, None),
+        "mlp.down_proj": (None, None),
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls only pay thread synchronisation for more threads; one thread is faster and steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _block_layouts(model: nn.Module, ids: torch.Tensor) -> list:
+    """Each block with its layout, discovered on a one-sample probe propagated through the float blocks."""
+    _, blocks = find_decoder_blocks(model)
+    probe = capture_block_inputs(model, blocks[0], ids[:1], batch_size=1)
+    layouts = []
+    for block in blocks:
+        layouts.append((block, discover_block_layout(block, probe[0])))
+        probe = propagate(block, probe)
+    return layouts
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _rtn_quantize(model: nn.Module, bits: int, group_size: int) -> None:
+    """What the quantizer does after AWQ: round-to-nearest every decoder-block linear."""
+    _, blocks = find_decoder_blocks(model)
+    with torch.no_grad():
+        for module in blocks.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(fake_quantize(module.weight, bits, group_size))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_scaling_groups_are_found_from_the_graph(arch):
+    model, _ = tiny_model(arch)
+    for _, layout in _block_layouts(model, random_token_ids(1, 32)):
+        found = {(str(g.producer), g.producer.kind.value, g.linears, g.inspect) for g in layout.groups}
+        assert found == EXPECTED_GROUPS[arch]
+        clip_rows = {name: (rows.start, rows.stop) for name, rows in layout.clip_rows.items()}
+        assert clip_rows == EXPECTED_CLIP_ROWS[arch]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_folding_random_scales_keeps_logits(arch):
+    model, _ = tiny_model(arch)
+    ids = random_token_ids(2, 32)
+    expected = _logits(model, ids)
+    generator = torch.Generator().manual_seed(1)
+    for block, layout in _block_layouts(model, ids):
+        for group in layout.groups:
+            width = block.get_submodule(group.linears[0]).in_features
+            fold_scales(block, group, torch.rand(width, generator=generator) * 4 + 0.25)
+    assert max_rel_error(_logits(model, ids), expected) <= FLOAT_KERNEL_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_awq_without_clipping_keeps_logits(arch):
+    model, _ = tiny_model(arch)
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    expected = _logits(model, ids)
+    report = apply_awq(model, ids, bits=4, group_size=32, clip=False, progress=False)
+    assert all(group.best_alpha >= 0 for block in report.blocks for group in block.groups)
+    # Checked on two samples, like the folding test: the max over many tokens only grows with fp32 rounding tails.
+    assert max_rel_error(_logits(model, ids[:2]), expected[:2]) <= FLOAT_KERNEL_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", [4, 3], ids=["w4", "w3"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_awq_has_lower_logit_error_than_rtn(arch, bits):
+    model, _ = tiny_model(arch)
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    expected = _logits(model, ids)
+    rtn = copy.deepcopy(model)
+    _rtn_quantize(rtn, bits, group_size=32)
+    apply_awq(model, ids, bits=bits, group_size=32, progress=False)
+    _rtn_quantize(model, bits, group_size=32)
+    rtn_error = (_logits(rtn, ids) - expected).pow(2).mean()
+    awq_error = (_logits(model, ids) - expected).pow(2).mean()
+    assert awq_error < 0.9 * rtn_error
+
+
+def test_partial_last_group_and_per_channel_run():
+    model, _ = tiny_model("llama")
+    ids = random_token_ids(4, SEQ_LEN)
+    for group_size in (48, -1):
+        report = apply_awq(copy.deepcopy(model), ids, bits=4, group_size=group_size, progress=False)
+        assert len(report.blocks) == 2
+
+
+def test_calibration_holds_one_block_of_inputs():
+    model, _ = tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    inputs_seen: list[list[weakref.ref]] = [[] for _ in blocks]
+    alive_when_next_block_ran = []
+
+    def watch(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index > 0:
+                alive_when_next_block_ran.extend(ref for ref in inputs_seen[index - 1] if ref() is not None)
+            inputs_seen[index].append(weakref.ref(args[0]))
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(watch(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        report = apply_awq(model, random_token_ids(N_SAMPLES, SEQ_LEN), bits=4, group_size=32, batch_size=4,
+                           progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert inputs_seen[0] and not alive_when_next_block_ran
+    # Held per block: its inputs and outputs, the inputs of self_attn, mlp and down_proj, the eager attention masks
+    # and the clip-search token samples; a fixed handful of block-input sizes that must not grow block by block.
+    block_input_bytes = N_SAMPLES * SEQ_LEN * model.config.hidden_size * 4
+    held = [block.held_bytes for block in report.blocks]
+    assert held[0] == held[1] <= 10 * block_input_bytes
+
+
+def test_modules_to_not_convert_stay_untouched():
+    model, _ = tiny_model("llama")
+    original = model.model.layers[0].mlp.down_proj.weight.clone()
+    report = apply_awq(
+        model, random_token_ids(4, SEQ_LEN), bits=4, group_size=32,
+        modules_to_not_convert={"model.layers.0.mlp.down_proj"}, progress=False,
+    )
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, original)
+    assert "mlp.down_proj" in report.blocks[0].clip_skipped
+    assert "mlp.down_proj" in report.blocks[1].clipped
+
+
+def test_awq_is_deterministic_and_reports():
+    model, _ = tiny_model("qwen2")
+    ids = random_token_ids(4, SEQ_LEN)
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    report = apply_awq(first, ids, bits=4, group_size=32, progress=False)
+    apply_awq(second, ids, bits=4, group_size=32, progress=False)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    text = str(report)
+    assert "input_layernorm" in text and "mlp.up_proj" in text and "self_attn.o_proj" in text
+    assert all(g.error_awq <= g.error_rtn * 1.5 for block in report.blocks for g in block.groups)
+
+
+def test_clip_search_never_increases_the_partial_product_error():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 80, generator=generator)
+    weight[:, 3] *= 6  # an outlier column makes clipping pay off
+    inputs = torch.randn(300, 80, generator=generator)
+    quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
+    max_val = search_best_clip(weight, inputs, quantizer, rows_per_batch=16)
+    assert max_val.shape == (40, 3)
+    clipped = weight.clone()
+    assert apply_clip(clipped, max_val, quantizer) > 0
+    plain_error = (inputs @ (quantizer.fake(weight) - weight).T).pow(2).mean()
+    clipped_error = (inputs @ (quantizer.fake(clipped) - weight).T).pow(2).mean()
+    assert clipped_error < plain_error
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 1}, "bits must be an integer in"),
+        ({"group_size": 0}, "group_size must be a positive integer or -1"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"calibration_ids": torch.zeros(8)}, r"calibration_ids must be an integer tensor \[n_samples, seq_len\]"),
+    ],
+    ids=["bits", "group_size", "batch_size", "ids_shape"],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    model, _ = tiny_model("llama")
+    arguments = {"calibration_ids": random_token_ids(2, 8), "bits": 4, "group_size": 32, "progress": False}
+    arguments.update(kwargs)
+    ids = arguments.pop("calibration_ids")
+    with pytest.raises(ValueError, match=message):
+        apply_awq(model, ids, **arguments)
