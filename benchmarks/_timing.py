@@ -74,7 +74,20 @@ def time_fn(fn: Callable[[], object], min_time_s: float = 0.3, min_runs: int = 5
     )
 
 
+def _cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (falls back to ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def machine_name() -> str:
-    """A short machine tag for result file names: host, CPU capability as ATen sees it, core count."""
+    """A file-name-safe machine tag: CPU model, ATen's CPU capability, core count (``amd-epyc-avx512-2c``)."""
+    model = "".join(c if c.isalnum() else "-" for c in _cpu_model().lower()).strip("-")
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    return f"{platform.node() or 'host'}-{capability}-{os.cpu_count()}c"
+    return f"{model}-{capability}-{os.cpu_count()}c"

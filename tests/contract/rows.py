@@ -24,7 +24,7 @@ ROWS = [
     ContractRow(
         name="awq-w4g32",
         make_config=lambda **kw: hf_plugins.AwqConfig(
-            bits=4, group_size=32, calibration_samples=4, calibration_seq_len=32, **kw
+            **{"bits": 4, "group_size": 32, "calibration_samples": 4, "calibration_seq_len": 32, **kw}
         ),
         quantized_module=hf_plugins.AwqLinear,
         logits_snr_floor_db=12.0,

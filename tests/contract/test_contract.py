@@ -77,7 +77,8 @@ def test_save_reload_bit_identical(row, arch, quantized_models, tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
     assert not list(tmp_path.glob("*.bin"))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    # The attention implementation is not saved; the tiny models run eager.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     assert isinstance(reloaded.get_submodule("model.layers.0.mlp.down_proj"), row.quantized_module)
     assert torch.equal(reloaded(PROMPT).logits, model(PROMPT).logits)
 
@@ -100,9 +101,11 @@ def test_from_pretrained_quantizes_like_the_helper(row, tmp_path):
     float_model.save_pretrained(tmp_path / "float")
     tokenizer = char_tokenizer()
     in_loader = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "float", quantization_config=row.make_config(calibration=CALIBRATION_TEXTS, tokenizer=tokenizer)
+        tmp_path / "float",
+        quantization_config=row.make_config(calibration=CALIBRATION_TEXTS, tokenizer=tokenizer),
+        attn_implementation="eager",
     )
-    helper = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    helper = AutoModelForCausalLM.from_pretrained(tmp_path / "float", attn_implementation="eager")
     config = row.make_config()
     hf_plugins.quantize(helper, config, calibration_data=CALIBRATION_TEXTS, tokenizer=tokenizer)
     assert config.modules_to_not_convert is None, "the user's config must not be mutated"
@@ -113,7 +116,7 @@ def test_from_pretrained_quantizes_like_the_helper(row, tmp_path):
 def test_reload_in_bfloat16(row, quantized_models, tmp_path):
     model, _ = quantized_models[(row.name, "mistral")]
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
     logits = reloaded(PROMPT).logits
     assert logits.dtype == torch.bfloat16
     # A whole bf16 network accumulates rounding over its layers: a few per-op tolerances.

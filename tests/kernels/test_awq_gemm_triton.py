@@ -11,9 +11,11 @@ import itertools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from hf_plugins.kernels.awq_gemm import triton as awq_triton
-from hf_plugins.kernels.awq_gemm.reference import awq_gemm_reference, pack_awq
+from hf_plugins.kernels.awq_gemm.reference import awq_gemm_reference, pack_awq, unpack_awq
 from hf_plugins.kernels.awq_gemm.triton import AwqGemmConfig, awq_gemm_triton, dispatch
 from tests.tolerances import assert_close_kernel
 
@@ -69,6 +71,29 @@ def _cases():
     yield pytest.param(1, 200, 136, 128, "fp16", id="M1-K200-N136-G128-fp16-partial-group")
 
 
+@triton.jit
+def _unpack_probe_kernel(packed, out, R: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr):
+    o_r = tl.arange(0, R)
+    b_packed = tl.load(packed + o_r[:, None] * (BN // 8) + tl.arange(0, BN // 8)[None, :])
+    if DT == tl.float32:
+        b_w = awq_triton._unpack_f32(b_packed, BN)
+    else:
+        b_w = awq_triton._unpack_half(b_packed, DT)
+    tl.store(out + o_r[:, None] * BN + tl.arange(0, BN)[None, :], b_w)
+
+
+@pytest.mark.parametrize("dtype, bias", [("fp32", 2.0**23), ("fp16", 1024.0), ("bf16", 128.0)])
+def test_unpack_bits(dtype, bias):
+    """Both unpackers give ``bias + nibble`` in channel order, bit-exactly. bf16 is only stored here, never
+    computed with, so this checks the GPU bf16 magic that the interpreter cannot run end to end."""
+    codes = torch.randint(0, 16, (16, 64), dtype=torch.int32)
+    out = torch.full((16, 64), float("nan"), dtype=DTYPES[dtype])
+    tl_dtype = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
+    _unpack_probe_kernel[(1,)](pack_awq(codes), out, R=16, BN=64, DT=tl_dtype)
+    assert torch.equal(out.double() - bias, codes.double())
+    assert torch.equal(unpack_awq(pack_awq(codes)), codes)
+
+
 @pytest.mark.parametrize("kernel", ["gemv", "gemm", "dequant"])
 @pytest.mark.parametrize("M, K, N, G, dtype", list(_cases()))
 def test_forced_kernel(kernel, M, K, N, G, dtype):
@@ -84,14 +109,22 @@ def test_forced_kernel(kernel, M, K, N, G, dtype):
         pytest.param(16, 256, 64, 128, "fp32", dict(split_k=1), id="split1-direct-store"),
         # Several column blocks with a ragged last one, and several row blocks.
         pytest.param(33, 128, 136, 32, "fp16", dict(block_m=16, block_n=64, block_k=32), id="BM16-BN64-ragged"),
-        # One-row-per-program FMA path for M > 1.
-        pytest.param(5, 128, 64, 64, "bf16", dict(block_m=1, block_n=32), id="BM1-M5-bf16"),
+        # The 16-row minimum block with a narrow column block.
+        pytest.param(5, 128, 64, 64, "bf16", dict(block_m=16, block_n=16, block_k=16), id="min-dot-16-bf16"),
         # A K tile larger than K (per-channel, masked rows past K).
         pytest.param(16, 128, 64, PER_CHANNEL, "fp32", dict(block_k=256, split_k=1), id="BK-gt-K"),
     ],
 )
 def test_gemv_tilings(M, K, N, G, dtype, config):
     check(M, K, N, G, DTYPES[dtype], AwqGemmConfig(kernel="gemv", **config))
+
+
+def test_split_counters_reset():
+    """Each tile's last split leaves its arrival counter at zero, so back-to-back launches stay correct."""
+    config = AwqGemmConfig(kernel="gemv", block_n=64, block_k=32, split_k=3)
+    for _ in range(2):
+        check(20, 256, 136, 64, torch.float16, config)
+    assert all(int(c.count_nonzero()) == 0 for c in awq_triton._COUNTERS.values())
 
 
 @pytest.mark.parametrize(
@@ -153,8 +186,8 @@ def _bad_inputs():
                      r"block_n must be a power of two >= 16.*got 8", id="cfg-BN8"),
         pytest.param({**ok, "config": AwqGemmConfig(kernel="gemv", block_k=48)},
                      r"block_k must be a power of two >= 16.*got 48", id="cfg-BK48"),
-        pytest.param({**ok, "config": AwqGemmConfig(kernel="gemm", block_m=1)},
-                     r"block_m must be a power of two >= 16.*got 1", id="cfg-gemm-BM1"),
+        pytest.param({**ok, "config": AwqGemmConfig(kernel="gemv", block_m=1)},
+                     r"block_m must be a power of two >= 16.*got 1", id="cfg-BM1"),
         pytest.param({**ok, "config": AwqGemmConfig(kernel="gemv", split_k=0)}, r"split_k must be >= 1, got 0",
                      id="cfg-split0"),
     ]
@@ -178,24 +211,33 @@ def _explicit(kernel: str, cfg) -> AwqGemmConfig:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 16, 40])
 @pytest.mark.parametrize("index", range(len(awq_triton.GEMV_CONFIGS)))
-def test_gpu_every_gemv_config(index, M):
+def test_gpu_every_gemv_config(index, M, dtype):
     """The autotuner drops configs that fail to compile and never checks results: check each one here."""
-    check(M, 1024, 1024, 128, torch.float16, _explicit("gemv", awq_triton.GEMV_CONFIGS[index]), device="cuda")
+    check(M, 1024, 1032, 128, DTYPES[dtype], _explicit("gemv", awq_triton.GEMV_CONFIGS[index]), device="cuda")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("index", range(len(awq_triton.GEMM_CONFIGS)))
-def test_gpu_every_gemm_config(index):
-    check(200, 1024, 1024, 128, torch.float16, _explicit("gemm", awq_triton.GEMM_CONFIGS[index]), device="cuda")
+def test_gpu_every_gemm_config(index, dtype):
+    check(200, 1024, 1032, 128, DTYPES[dtype], _explicit("gemm", awq_triton.GEMM_CONFIGS[index]), device="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("index", range(len(awq_triton.DEQUANT_CONFIGS)))
 def test_gpu_every_dequant_config(index):
-    check(64, 1024, 1024, 32, torch.bfloat16, _explicit("dequant", awq_triton.DEQUANT_CONFIGS[index]),
+    check(64, 1024, 1032, 32, torch.bfloat16, _explicit("dequant", awq_triton.DEQUANT_CONFIGS[index]),
           device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_gpu_gather_groups(kernel):
+    """group_size 32 with a 64-row tile: the per-row zeros/scales route the pruner normally avoids."""
+    check(16, 1024, 1024, 32, torch.float16, AwqGemmConfig(kernel=kernel, block_k=64), device="cuda")
 
 
 @pytest.mark.gpu

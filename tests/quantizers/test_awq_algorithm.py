@@ -10,10 +10,16 @@ import torch
 from torch import nn
 
 from hf_plugins.quantizers.awq.algorithm import apply_awq
-from hf_plugins.quantizers.awq.calibration import capture_block_inputs, find_decoder_blocks, propagate
+from hf_plugins.quantizers.awq.calibration import ModuleInputs, capture_block_inputs, find_decoder_blocks, propagate
 from hf_plugins.quantizers.awq.int_quant import fake_quantize
 from hf_plugins.quantizers.awq.scaling_groups import discover_block_layout, fold_scales
-from hf_plugins.quantizers.awq.search import WeightQuantizer, apply_clip, search_best_clip
+from hf_plugins.quantizers.awq.search import (
+    GramError,
+    ReplayError,
+    WeightQuantizer,
+    apply_clip,
+    search_best_clip,
+)
 from tests.quantizers.tiny_models import TINY_ARCHS, random_token_ids, tiny_model
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
@@ -232,6 +238,19 @@ def test_clip_search_never_increases_the_partial_product_error():
     plain_error = (inputs @ (quantizer.fake(weight) - weight).T).pow(2).mean()
     clipped_error = (inputs @ (quantizer.fake(clipped) - weight).T).pow(2).mean()
     assert clipped_error < plain_error
+
+
+def test_gram_error_equals_replayed_linear_error():
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(96, 24)
+    inputs = torch.randn(3, 20, 96, generator=generator)
+    inputs[..., 7] *= 20  # an activation outlier, where cancellation in the quadratic form would show
+    replay = ReplayError(linear, [ModuleInputs((batch,), {}) for batch in inputs.split(2)])
+    flat = inputs.reshape(-1, 96)
+    gram = GramError(linear, flat.T @ flat, n_tokens=flat.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(WeightQuantizer(bits=3, group_size=32).fake(linear.weight))
+    assert gram() == pytest.approx(replay(), rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -4,27 +4,40 @@ Two kernels read one prepacked form (:class:`CpuAwqWeight`, built once by :func:
 
 - ``int4pack``: torch's native tinygemm CPU kernel ``aten._weight_int4pack_mm_for_cpu``. It is only fast with
   bf16 activations (fp32/fp16 activations fall onto a scalar loop, 10-50x slower), so fp32 inputs are cast to
-  bf16 and the output back: results carry bf16 rounding (~3e-3 relative), small next to the int4 error itself.
+  bf16 and the output back: results carry bf16 rounding (2e-3 to 7e-3 max relative error measured), small next
+  to the int4 quantization error itself.
 - ``dequant``: dequantize a cache-sized slab of columns to a transient fp32 buffer, then ``torch.mm`` (MKL
   sgemm), slab by slab. Exact fp32 math; no full-precision copy of the weight ever exists.
 
-Measured (``benchmarks/awq_cpu_layers.py`` and the rule's own sweep; 1 thread, median ms, group 128, or 64 when
-in_features is 576; one neighbour core busy). ATen's CPU capability decides the winner:
+Measured with ``benchmarks/awq_cpu_layers.py`` (plus an M sweep) on a 2-core AMD EPYC with AVX512 + avx512_bf16,
+1 thread, median ms, group 128 (kernel group 64 for in_features 576), one neighbour core busy. "AVX2" rows are the
+same CPU run as an AVX2-only machine (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``), "scalar" rows
+with ``ATEN_CPU_CAPABILITY=default``. ATen's CPU capability decides the winner, so the rule keys on it:
 
-==============  ====  =======  ========  =======  ==========================================
-capability      M     fp32 mm  int4pack  dequant  shape (in x out)
-==============  ====  =======  ========  =======  ==========================================
-AVX512 (+bf16)  1     2.43     0.35      25.8     1536 x 8960   int4pack wins at every M
-AVX512 (+bf16)  512   202      127       244      1536 x 8960
-AVX512 (+bf16)  512   21.8     14.0      23.2     1536 x 1536
-AVX2            1     2.57     1.38      (slow)   1536 x 8960   int4pack wins for small M
-AVX2            64    2.96     3.95      see rule 1536 x 1536
-AVX2            512   135      373       see rule 1536 x 8960   dequant wins for large M
-==============  ====  =======  ========  =======  ==========================================
+==========  ===========  ====  =======  ========  =======  =====================================
+capability  in x out     M     fp32 mm  int4pack  dequant  winner
+==========  ===========  ====  =======  ========  =======  =====================================
+AVX512      1536 x 8960  1     2.67     0.367     5.62     int4pack (7.3x fp32)
+AVX512      1536 x 8960  64    21.4     10.5      22.8     int4pack (2.0x)
+AVX512      1536 x 8960  512   213      127       213      int4pack (1.7x)
+AVX512      8960 x 1536  2048  773      333       642      int4pack (2.3x)
+AVX512      576 x 192    1     0.007    0.010     0.105    int4pack (fp32 weights would be faster)
+AVX2        1536 x 8960  1     2.64     1.34      6.47     int4pack (2.0x)
+AVX2        1536 x 8960  64    20.2     23.3      23.8     int4pack (0.87x)
+AVX2        1536 x 8960  256   71.6     92.5      73.7     dequant (0.97x)
+AVX2        1536 x 1536  256   17.6     29.5      18.7     dequant (0.94x)
+AVX2        576 x 576    1     0.018    0.040     0.202    int4pack (0.45x)
+AVX2        576 x 576    256   1.61     2.30      1.81     dequant (0.89x)
+scalar      1536 x 1536  1     0.115    3.62      2.85     dequant
+scalar      1536 x 1536  64    3.09     227       10.4     dequant
+==========  ===========  ====  =======  ========  =======  =====================================
 
-Also measured and rejected: ``torch.compile`` of a fused dequant+GEMV reading the 4-bit codes (inductor + gcc
-compiles in ~1 s per shape, runs 2-14x slower than int4pack: 2.7 ms vs 0.35 ms at 1536 x 8960, M=1) and of a
-whole-weight dequant + mm (page-faults on the transient weight: 26 ms at 1536 x 8960).
+At M=128 with AVX2, dequant won or tied on all four shapes swept (576^2, 1536^2, 1536 x 8960, 8960 x 1536).
+
+Also measured and rejected: ``torch.compile`` (inductor + gcc; ~1 s compile per shape and per M unless dynamic) of
+a fused dequant + GEMV reading the 4-bit codes: 2.7 ms vs int4pack's 0.35 ms at 1536 x 8960, M=1, and 2-3x
+slower than fp32 elsewhere; and of a whole-weight dequant + mm: 26 ms there, page faults on the 55 MB transient.
+Eager whole-weight dequant: 71 ms. int8 kernels (``_weight_int8pack_mm``, dynamic qint8) would need 8-bit weights.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import pack_awq, unpack_awq
+from .reference import AWQ_ORDER, AWQ_REVERSE_ORDER, unpack_awq
 
 _KERNEL_GROUPS = (256, 128, 64, 32)
 """Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts, largest first."""
@@ -48,8 +61,8 @@ _LAYOUT_CANDIDATES = (("split", 64), ("split", 32), ("pair", 32), ("pair", 16), 
 _SLAB_FLOATS = 1 << 20
 """Transient fp32 weight slab of the dequant path (4 MiB, measured best of 1-4 MiB): cache-resident, no page faults."""
 
-_INT4PACK_MAX_M_WITHOUT_AVX512 = 48
-"""Without AVX512 the int4pack kernel re-dequantizes the weight per 4 rows; above this M sgemm wins (see rule)."""
+_AVX2_DEQUANT_MIN_ROWS = 128
+"""With AVX2 (no AVX512) int4pack loses to dequant + sgemm from about this many rows (measured crossover 64-128)."""
 
 
 @dataclass(frozen=True)
@@ -93,18 +106,38 @@ def _kernel_group(group_size: int, in_features: int) -> int:
     return next((g for g in _KERNEL_GROUPS if group_size % g == 0 and in_features % g == 0), 0)
 
 
-def _unpack_layout(packed: torch.Tensor, padded_out: int, kind: str, block_n: int) -> torch.Tensor:
-    """Codes uint8 ``[padded_out, in_features]`` from an int4pack buffer ``[padded_out, in_features // 2]``.
+def _nibble_views(codes: torch.Tensor, kind: str, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(low, high)`` ``[in, blocks, block_n // 2]`` of codes ``[in, padded_out]``, in int4pack byte order.
 
-    The buffer is ``[padded_out // block_n, in_features, block_n // 2]`` bytes. Byte ``j`` of a block row holds
-    columns ``(j, j + block_n // 2)`` in its (low, high) nibbles for ``split`` and ``(2j, 2j + 1)`` for ``pair``.
+    ATen's int4pack buffer is ``[padded_out // block_n, in, block_n // 2]`` bytes. Byte ``j`` of a block row holds
+    columns ``(j, j + block_n // 2)`` of the block in its (low, high) nibbles for ``split`` and ``(2j, 2j + 1)`` for
+    ``pair`` (see ``weight_to_int4pack_kernel`` in ATen's ``int4mm_kernel.cpp``).
     """
-    in_features = packed.shape[1] * 2
-    blocks = packed.reshape(padded_out // block_n, in_features, block_n // 2)
-    low, high = blocks & 0xF, blocks >> 4
-    dim = -2 if kind == "split" else -1
-    codes = torch.stack((low, high), dim=dim).reshape(padded_out // block_n, in_features, block_n)
-    return codes.permute(0, 2, 1).reshape(padded_out, in_features)
+    in_features, padded_out = codes.shape
+    half = block_n // 2
+    if kind == "split":
+        blocked = codes.view(in_features, padded_out // block_n, 2, half)
+        return blocked[:, :, 0], blocked[:, :, 1]
+    blocked = codes.view(in_features, padded_out // block_n, half, 2)
+    return blocked[..., 0], blocked[..., 1]
+
+
+def _pack_layout(codes: torch.Tensor, kind: str, block_n: int) -> torch.Tensor:
+    """uint8 codes ``[in, padded_out]`` -> ATen int4pack buffer uint8 ``[padded_out, in // 2]``."""
+    low, high = _nibble_views(codes, kind, block_n)
+    packed = (low | (high << 4)).permute(1, 0, 2).contiguous()
+    return packed.view(codes.shape[1], codes.shape[0] // 2)
+
+
+def _unpack_layout(packed: torch.Tensor, kind: str, block_n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_layout`: ATen int4pack buffer ``[padded_out, in // 2]`` -> uint8 ``[in, padded_out]``."""
+    padded_out, in_features = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(padded_out // block_n, in_features, block_n // 2).transpose(0, 1)
+    codes = torch.empty(in_features, padded_out, dtype=torch.uint8)
+    low, high = _nibble_views(codes, kind, block_n)
+    torch.bitwise_and(blocks, 0xF, out=low)
+    torch.bitwise_right_shift(blocks, 4, out=high)
+    return codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,18 +145,47 @@ def native_layout() -> tuple[str, int]:
     """The ``(kind, block_n)`` int4pack layout of this process's ATen build and CPU, found by packing a probe.
 
     The layout depends on ATen's CPU capability (``torch.backends.cpu.get_cpu_capability()``, overridable with
-    ``ATEN_CPU_CAPABILITY``), so it is probed rather than assumed.
+    ``ATEN_CPU_CAPABILITY``), so it is probed: the candidate whose pack equals ATen's own converter, bit for bit.
     """
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (_N_ALIGN, 32), dtype=torch.int32, generator=generator)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    # The second argument (innerKTiles) only shapes the CUDA layout; the CPU converter ignores it.
+    native = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    codes = probe.t().to(torch.uint8).contiguous()
     for kind, block_n in _LAYOUT_CANDIDATES:
-        if torch.equal(_unpack_layout(packed, _N_ALIGN, kind, block_n).to(torch.int32), probe):
+        if torch.equal(_pack_layout(codes, kind, block_n), native):
             return kind, block_n
     raise NotImplementedError(
         f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}) packs int4 weights "
         f"in a layout none of {_LAYOUT_CANDIDATES} matches; use backend='reference' and report this build."
     )
+
+
+def _awq_to_codes(qweight: torch.Tensor, padded_out: int) -> torch.Tensor:
+    """AWQ int32 ``[in, out // 8]`` -> uint8 codes ``[in, padded_out]`` (zero-padded columns).
+
+    Same result as ``reference.unpack_awq`` but one int32 pass per channel of each 8 instead of int64 temporaries
+    (4x faster; it runs for every layer at load time).
+    """
+    in_features, words = qweight.shape
+    codes = torch.zeros(in_features, padded_out, dtype=torch.uint8)
+    per_word = codes[:, : words * 8].view(in_features, words, 8)
+    for channel, nibble in enumerate(AWQ_REVERSE_ORDER):
+        per_word[..., channel] = (qweight >> (4 * nibble)) & 0xF
+    return codes
+
+
+def _codes_to_awq(codes: torch.Tensor, out_features: int) -> torch.Tensor:
+    """uint8 codes ``[in, padded_out]`` -> AWQ int32 ``[in, out // 8]``, bit-identical to ``reference.pack_awq``.
+
+    int32 shifts wrap like the checkpoint format's words (torch shifts as unsigned, so no overflow UB).
+    """
+    in_features = codes.shape[0]
+    per_word = codes[:, :out_features].view(in_features, out_features // 8, 8)
+    words = torch.zeros(in_features, out_features // 8, dtype=torch.int32)
+    for nibble, channel in enumerate(AWQ_ORDER):
+        words |= per_word[..., channel].to(torch.int32) << (4 * nibble)
+    return words
 
 
 def _check_awq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> int:
@@ -135,6 +197,11 @@ def _check_awq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torc
         )
     if not scales.is_floating_point():
         raise TypeError(f"scales must be a float tensor, got {scales.dtype}; pass the checkpoint's fp16 scales.")
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise ValueError(
+            f"qweight, qzeros and scales must be 2-D, got shapes {tuple(qweight.shape)}, {tuple(qzeros.shape)}, "
+            f"{tuple(scales.shape)}; pass one layer's tensors."
+        )
     if qweight.device.type != "cpu":
         raise ValueError(f"prepack builds CPU weights, got qweight on {qweight.device}; call .cpu() on the tensors.")
     in_features, words = qweight.shape
@@ -163,17 +230,15 @@ def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
         group_size: quantization group along ``in_features`` (the last group may be partial); ``-1`` means one
             group (per-channel).
 
-    Returns a :class:`CpuAwqWeight` of ~0.55 bytes per weight (27.5% of bf16 at group 128 with fp16 scales).
+    Returns a :class:`CpuAwqWeight` of ~0.55 bytes per weight with fp16 scales: 27.5% of bf16 at group 128, 29.2%
+    when ``in_features`` is 576 (its partial last group needs kernel group 64, doubling the bf16 scale rows).
     """
     group = _check_awq_tensors(qweight, qzeros, scales, group_size)
     in_features, out_features = qweight.shape[0], scales.shape[1]
     padded_out = -(-out_features // _N_ALIGN) * _N_ALIGN
-    codes = torch.zeros(padded_out, in_features, dtype=torch.int32)
-    codes[:out_features] = unpack_awq(qweight).t()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     kernel_group = _kernel_group(group, in_features)
     return CpuAwqWeight(
-        packed=packed,
+        packed=_pack_layout(_awq_to_codes(qweight, padded_out), *native_layout()),
         scales_zeros=_int4pack_scales_zeros(qzeros, scales, group, kernel_group, in_features, padded_out),
         scales=scales.contiguous(),
         qzeros=qzeros.contiguous(),
@@ -199,25 +264,31 @@ def _int4pack_scales_zeros(
     return rows.to(torch.bfloat16).contiguous()
 
 
-def _codes(weight: CpuAwqWeight) -> torch.Tensor:
-    """uint8 codes ``[padded_out, in_features]`` from the packed buffer."""
-    kind, block_n = native_layout()
-    return _unpack_layout(weight.packed, weight.packed.shape[0], kind, block_n)
-
-
 def unprepack(weight: CpuAwqWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of :func:`prepack`: ``(qweight, qzeros, scales)`` bit-identical to the tensors packed."""
-    codes = _codes(weight)[: weight.out_features].t().to(torch.int32)
-    return pack_awq(codes), weight.qzeros, weight.scales
+    codes = _unpack_layout(weight.packed, *native_layout())
+    return _codes_to_awq(codes, weight.out_features), weight.qzeros, weight.scales
 
 
-def _use_int4pack(rows: int, weight: CpuAwqWeight) -> bool:
-    """The measured rule: int4pack at every M with AVX512, below ~48 rows with AVX2/scalar builds; see module doc."""
+@functools.lru_cache(maxsize=None)
+def _cpu_capability() -> str:
+    """ATen's CPU kernel level for this process (``AVX512``, ``AVX2``, ``DEFAULT``, ...); fixed at start-up."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def use_int4pack(rows: int, weight: CpuAwqWeight) -> bool:
+    """The measured rule (module docstring): which kernel :func:`awq_gemm_cpu` runs for ``rows`` input rows.
+
+    AVX512 builds: int4pack at every M (1.2-7x faster than fp32 sgemm up to M=2048). AVX2: int4pack below
+    :data:`_AVX2_DEQUANT_MIN_ROWS` rows, dequant + sgemm from there. Other builds run int4pack as a scalar loop
+    (10-80x slower than dequant + sgemm), so they always dequantize; so do groups the kernel cannot take.
+    """
     if not weight.kernel_group:
         return False
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    capability = _cpu_capability()
+    if capability.startswith("AVX512"):
         return True
-    return rows <= _INT4PACK_MAX_M_WITHOUT_AVX512
+    return capability == "AVX2" and rows < _AVX2_DEQUANT_MIN_ROWS
 
 
 def _int4pack_matmul(x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:
@@ -235,7 +306,7 @@ def _dequant_matmul(x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:
     x32 = x2d.float().contiguous()
     scales, zeros = weight.scales.float(), unpack_awq(weight.qzeros).float()
     blocks = weight.packed.reshape(-1, in_features, block_n // 2)
-    blocks_per_slab = max(1, _SLAB_FLOATS // (in_features * block_n))
+    blocks_per_slab = min(blocks.shape[0], max(1, _SLAB_FLOATS // (in_features * block_n)))
     slab = torch.empty(in_features, blocks_per_slab * block_n)
     y = x32.new_empty(x32.shape[0], out_features)
     for first in range(0, blocks.shape[0], blocks_per_slab):
@@ -262,12 +333,11 @@ def _apply_groups(w: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, gr
 
 def _dequant_slab(chunk: torch.Tensor, slab: torch.Tensor, kind: str, block_n: int) -> torch.Tensor:
     """Write the codes of ``chunk`` (uint8 ``[blocks, in, block_n // 2]``) as fp32 ``[in, blocks * block_n]``."""
-    blocks, in_features, half = chunk.shape
-    w = slab[:, : blocks * block_n]
-    nibbles = w.view(in_features, blocks, 2, half) if kind == "split" else w.view(in_features, blocks, half, 2)
-    low, high = (nibbles[:, :, 0], nibbles[:, :, 1]) if kind == "split" else (nibbles[..., 0], nibbles[..., 1])
-    low.copy_((chunk & 0xF).transpose(0, 1))
-    high.copy_((chunk >> 4).transpose(0, 1))
+    w = slab[:, : chunk.shape[0] * block_n]
+    low, high = _nibble_views(w, kind, block_n)
+    by_row = chunk.transpose(0, 1)
+    low.copy_(by_row & 0xF)
+    high.copy_(by_row >> 4)
     return w
 
 
@@ -275,7 +345,7 @@ def awq_gemm_cpu(x: torch.Tensor, weight: CpuAwqWeight, bias: torch.Tensor | Non
     """``x [..., in_features] @ dequant(W) [in, out] (+ bias [out])`` -> ``[..., out_features]`` in x's dtype.
 
     ``x`` is typically ``[batch, seq, in_features]``, fp32 (the fast CPU dtype), bf16 or fp16. The kernel is picked
-    per call by :func:`_use_int4pack` (rows ``M = batch * seq``): bf16-activation int4pack or fp32 dequant + sgemm.
+    per call by :func:`use_int4pack` (rows ``M = batch * seq``): bf16-activation int4pack or fp32 dequant + sgemm.
     """
     if x.device.type != "cpu":
         raise ValueError(f"awq_gemm_cpu needs a CPU tensor, got one on {x.device}; call .cpu() or use awq_gemm().")
@@ -287,7 +357,7 @@ def awq_gemm_cpu(x: torch.Tensor, weight: CpuAwqWeight, bias: torch.Tensor | Non
             "check which layer this input belongs to."
         )
     x2d = x.reshape(-1, weight.in_features)
-    if _use_int4pack(x2d.shape[0], weight):
+    if use_int4pack(x2d.shape[0], weight):
         y = _int4pack_matmul(x2d, weight)
     else:
         y = _dequant_matmul(x2d, weight)

@@ -1,16 +1,20 @@
 """Triton AWQ W4A16 GEMM: ``y = x @ dequant(qweight, qzeros, scales)`` for the AWQ "GEMM" layout.
 
 The layout is documented in :mod:`hf_plugins.kernels.awq_gemm.reference` (the oracle). Three routes share one
-in-register dequantizer:
+in-register dequantizer, which turns nibbles into ``q - z`` exactly in the dot dtype (two fp16/bf16 values per
+32-bit mask-and-or, no int -> float conversion instructions):
 
 - ``gemv``: split-K skinny kernel for decode (M <= 16 by default). Each program streams a ``[K / SPLIT_K, BN]``
-  slab of packed weights once; M == 1 uses a register FMA path (no tensor cores, no padding), larger M a
-  ``tl.dot`` with the M block padded to 16. The K splits are reduced in fp32: each split writes an fp32 partial
-  and a second kernel sums them and casts once (no fp16 atomics, deterministic).
-- ``gemm``: tiled kernel for prefill, dequantizes a ``[BK, BN]`` tile in registers and feeds ``tl.dot`` with an
-  fp32 accumulator.
+  slab of packed weights once into a ``tl.dot`` whose M block is padded to 16, and applies the group scale to
+  the fp32 partial. The K splits are reduced in fp32 inside the same launch: each split stores an fp32
+  partial, and the last split to arrive at an output tile (an atomic counter, as in CUTLASS's serial split-K)
+  sums them in a fixed order and casts once. No fp16 atomics, deterministic, no second kernel launch.
+- ``gemm``: tiled kernel for prefill: scales the dequantized ``[BK, BN]`` tile in registers and feeds ``tl.dot``
+  with a chained fp32 accumulator.
 - ``dequant``: dequantize the whole weight once to ``x.dtype`` and call ``torch.matmul`` (cuBLAS); the known
   fast route for M >= ~1024 where the GEMM is compute-bound (AutoAWQ / vLLM PR #2566 threshold).
+
+fp32 activations take an exact fp32 route everywhere (correct, not fast); so do bf16 ones under the interpreter.
 
 On a GPU, block sizes come from ``@triton.autotune``; under the Triton interpreter (``TRITON_INTERPRET=1`` at
 import) multi-config autotuning cannot run, so a single un-tuned config with large blocks is used instead.
@@ -39,7 +43,6 @@ DEQUANT_MIN_M = 1024
 
 _INTERPRETER = triton_interpreter()
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_REDUCE_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,7 @@ class AwqGemmConfig:
     Args:
         kernel (str): ``auto`` (pick by M, see :func:`dispatch`), ``gemv``, ``gemm`` or ``dequant``.
             Default: ``auto``.
-        block_m (int, Optional): rows of ``x`` per program; ``gemv`` also takes 1 (register FMA path,
-            one row per program), every ``tl.dot`` path needs >= 16.
+        block_m (int, Optional): rows of ``x`` per program, a power of two >= 16 (``tl.dot`` minimum).
         block_n (int, Optional): output columns per program, a power of two >= 16.
         block_k (int, Optional): input channels per loop step, a power of two >= 16.
         split_k (int, Optional): ``gemv`` only: number of K slices reduced in fp32.
@@ -85,32 +87,61 @@ def dispatch(M: int, kernel: str = "auto") -> str:
     return "gemm"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @triton.jit
-def _awq_unpack(b_packed, o_shift):
-    """``[R, BN // 8]`` int32 words -> ``[R, BN]`` fp32 ``2^23 + nibble`` in output-channel order."""
+def _unpack_f32(b_packed, BN: tl.constexpr):
+    """``[R, BN // 8]`` int32 words -> ``[R, BN]`` fp32 ``2^23 + nibble`` in channel order (exact)."""
+    # Channel c sits in nibble AWQ_REVERSE_ORDER[c % 8] = (c % 8) // 2 + 4 * (c % 2).
+    o_c = tl.arange(0, BN) % 8
+    o_shift = (o_c // 2 + (o_c % 2) * 4) * 4
     # Three self-interleaves repeat every word 8 times, so column c of the result sees the word of channel c.
     b_words = tl.interleave(b_packed, b_packed)
     b_words = tl.interleave(b_words, b_words)
     b_words = tl.interleave(b_words, b_words)
-    # OR-ing a nibble into the mantissa of 2^23 (0x4B000000) is an exact int -> float conversion without the
-    # reduced-throughput I2F instruction; the 2^23 bias cancels when the zero point gets the same treatment.
+    # OR-ing the nibble into the mantissa of 2^23 (0x4B000000) converts it exactly without the slow I2F
+    # instruction; the 2^23 bias cancels against the zero point's.
     return (((b_words >> o_shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _awq_load_tile(qweight, qzeros, scales, k0, o_k, o_n, o_nw, o_shift, m_k, m_n, m_nw, N, NW, G,
-                   ONE_GROUP: tl.constexpr):
-    """Rows ``o_k`` (first row ``k0``), columns ``o_n`` of the weight, not yet scaled.
+def _half(b_bits, DT: tl.constexpr):
+    """Low 16 bits of each int32 as a DT (fp16 or bf16) value."""
+    return b_bits.to(tl.int16).to(DT, bitcast=True)
 
-    Returns ``q - z`` as fp32 ``[BK, BN]`` (exact integers in [-15, 15]) and the fp32 scales: ``[1, BN]`` when
+
+@triton.jit
+def _unpack_half(b_packed, DT: tl.constexpr):
+    """``[R, BN // 8]`` int32 words -> ``[R, BN]`` DT ``magic + nibble`` in channel order (exact).
+
+    AWQ's order puts channels 2t and 2t + 1 in nibbles t and t + 4: bits 4t.. of the low and of the high 16-bit
+    half. One mask-and-or per shift therefore builds two half floats at once (the lop3 trick of the CUDA AWQ
+    kernels): ``0x6400 | q`` is fp16 ``1024 + q`` and ``0x4300 | q`` is bf16 ``128 + q``. This roughly halves
+    the instructions per weight compared with the fp32 route, which is what a bandwidth-bound GEMV needs.
+    """
+    if DT == tl.float16:
+        MAGIC = 0x64006400
+    else:
+        MAGIC = 0x43004300
+    b_p0 = (b_packed & 0x000F000F) | MAGIC
+    b_p1 = ((b_packed >> 4) & 0x000F000F) | MAGIC
+    b_p2 = ((b_packed >> 8) & 0x000F000F) | MAGIC
+    b_p3 = ((b_packed >> 12) & 0x000F000F) | MAGIC
+    # Column 8w + 4u + 2v + j must hold pair t = 2u + v, half j (channel 2t + j): interleave v, then u, then j.
+    b_lo = tl.interleave(tl.interleave(_half(b_p0, DT), _half(b_p2, DT)),
+                         tl.interleave(_half(b_p1, DT), _half(b_p3, DT)))
+    b_hi = tl.interleave(tl.interleave(_half(b_p0 >> 16, DT), _half(b_p2 >> 16, DT)),
+                         tl.interleave(_half(b_p1 >> 16, DT), _half(b_p3 >> 16, DT)))
+    return tl.interleave(b_lo, b_hi)
+
+
+@triton.jit
+def _awq_load_tile(p_q, m_q, qzeros, scales, k0, o_k, o_n, o_nw, m_k, m_n, m_nw, N, NW, G,
+                   BN: tl.constexpr, DT: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """Packed rows at ``p_q [BK, BN // 8]`` (first row ``k0``), dequantized but not yet scaled.
+
+    Returns ``q - z`` in DT ``[BK, BN]`` (exact: integers in [-15, 15]) and the fp32 scales: ``[1, BN]`` when
     ``ONE_GROUP`` (the tile lies inside one group), else ``[BK, BN]``.
     """
-    b_q = tl.load(qweight + o_k[:, None] * NW + o_nw[None, :], mask=m_k[:, None] & m_nw[None, :], other=0)
+    b_q = tl.load(p_q, mask=m_q, other=0)
     if ONE_GROUP:
         # One row of zeros and scales serves all BK rows, which keeps scale traffic off the load units.
         i_g = k0 // G
@@ -118,27 +149,24 @@ def _awq_load_tile(qweight, qzeros, scales, k0, o_k, o_n, o_nw, o_shift, m_k, m_
         b_s = tl.load(scales + i_g * N + o_n[None, :], mask=m_n[None, :], other=0.).to(tl.float32)
     else:
         o_g = o_k // G
-        b_z = tl.load(qzeros + o_g[:, None] * NW + o_nw[None, :], mask=m_k[:, None] & m_nw[None, :], other=0)
+        b_z = tl.load(qzeros + o_g[:, None] * NW + o_nw[None, :], mask=m_q, other=0)
         b_s = tl.load(scales + o_g[:, None] * N + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
                       other=0.).to(tl.float32)
-    return _awq_unpack(b_q, o_shift) - _awq_unpack(b_z, o_shift), b_s
-
-
-@triton.jit
-def _awq_shifts(BN: tl.constexpr):
-    """Bit offset of output channel ``c`` inside its word: ``4 * AWQ_REVERSE_ORDER[c % 8]``."""
-    o_c = tl.arange(0, BN) % 8
-    return (o_c // 2 + (o_c % 2) * 4) * 4
-
-
-@triton.jit
-def _dot(b_x, b_w, b_acc, F32_DOT: tl.constexpr):
-    """``b_acc + b_x @ b_w`` in fp32 (``b_acc`` may be None); b_x ``[BM, BK]``, fp32 b_w ``[BK, BN]``."""
-    if F32_DOT:
-        # "ieee" keeps fp32 exact on GPUs (the default would round both operands to tf32).
-        b_y = tl.dot(b_x.to(tl.float32), b_w, b_acc, input_precision="ieee")
+    if DT == tl.float32:
+        b_qz = _unpack_f32(b_q, BN) - _unpack_f32(b_z, BN)
     else:
-        b_y = tl.dot(b_x, b_w.to(b_x.dtype), b_acc)
+        b_qz = _unpack_half(b_q, DT) - _unpack_half(b_z, DT)
+    return b_qz, b_s
+
+
+@triton.jit
+def _dot(b_x, b_w, b_acc, DT: tl.constexpr):
+    """``b_acc + b_x @ b_w`` with fp32 accumulation (``b_acc`` may be None); both operands in DT."""
+    if DT == tl.float32:
+        # "ieee" keeps fp32 exact on GPUs (the default would round both operands to tf32).
+        b_y = tl.dot(b_x, b_w, b_acc, input_precision="ieee")
+    else:
+        b_y = tl.dot(b_x, b_w, b_acc)
     return b_y
 
 
@@ -148,17 +176,10 @@ def _one_group(args: dict) -> bool:
 
 
 def _gemv_prune(configs, named_args, **kwargs):
-    """Keep GEMV configs that fit the problem: single-group tiles, useful split counts, FMA register budget."""
-    K, G, BM = named_args["K"], named_args["G"], kwargs["BM"]
-
-    def fits(c):
-        BN, BK, SPLIT_K = c.kwargs["BN"], c.kwargs["BK"], c.kwargs["SPLIT_K"]
-        if not (G % BK == 0 or G >= K) or SPLIT_K > triton.cdiv(K, BK):
-            return False
-        # The M == 1 path keeps a [BK, BN] fp32 accumulator: stay within ~64 registers per thread.
-        return BM > 1 or BK * BN <= 64 * 32 * c.num_warps
-
-    return [c for c in configs if fits(c)] or configs
+    """Keep GEMV configs with single-group tiles, then those whose K splits all get tiles."""
+    K, G = named_args["K"], named_args["G"]
+    single = [c for c in configs if G % c.kwargs["BK"] == 0 or G >= K] or configs
+    return [c for c in single if c.kwargs["SPLIT_K"] <= triton.cdiv(K, c.kwargs["BK"])] or single
 
 
 def _gemm_prune(configs, named_args, **kwargs):
@@ -186,7 +207,7 @@ def _gemm_configs() -> list[triton.Config]:
     table = [
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 128, 4, 4),
-        (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (32, 64, 32, 4, 4), (16, 128, 32, 4, 4),
+        (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (32, 128, 32, 4, 3), (16, 128, 32, 4, 4),
     ]
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in table]
@@ -202,71 +223,76 @@ GEMM_CONFIGS = _gemm_configs()
 DEQUANT_CONFIGS = _dequant_configs()
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "G", "BM"], prune_configs_by={"early_config_prune": _gemv_prune})
+@triton.autotune(configs=GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "G"],
+                 prune_configs_by={"early_config_prune": _gemv_prune})
 @triton.heuristics({"ONE_GROUP": _one_group})
 @triton.jit
 def awq_gemv_splitk_kernel(
-    x, qweight, qzeros, scales, y, partials, M, N, K, G, NW,
+    x, qweight, qzeros, scales, y, partials, counters, M, N, K, G, NW, M_BUCKET,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-    F32_DOT: tl.constexpr, ONE_GROUP: tl.constexpr,
+    DT: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     """Split-K skinny GEMM. Grid ``(cdiv(N, BN), SPLIT_K, cdiv(M, BM))``.
 
-    x ``[M, K]``, qweight ``[K, N // 8]``, qzeros ``[groups, N // 8]``, scales ``[groups, N]``;
-    ``SPLIT_K == 1`` stores ``y [M, N]`` (x's dtype), else fp32 ``partials [SPLIT_K, M, N]``.
+    x ``[M, K]``, qweight ``[K, N // 8]``, qzeros ``[groups, N // 8]``, scales ``[groups, N]`` -> y ``[M, N]``
+    (x's dtype). With ``SPLIT_K > 1``, split ``i_s`` owns the contiguous K tiles ``[i_s * T, (i_s + 1) * T)``
+    and stores its fp32 partial in ``partials [SPLIT_K, M, N]``; ``counters`` (int32, one per output tile,
+    zero on entry and left zero on exit) count the splits that are done. ``NW = N // 8`` is passed on its own so Triton can
+    specialise its divisibility by 16 and issue 16-byte loads of packed rows; ``M_BUCKET`` (next power of two
+    of M) is only the autotuning key, since the best split depends on how many partial rows it writes; ``DT`` is
+    the dot dtype.
+    ``BM >= 16`` even for M = 1: the padded rows cost nothing next to the weight stream, and the tensor-core
+    dot reduces over K without the cross-lane shuffles a register reduction needs on every tile.
     """
     i_n, i_s, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NT = tl.cdiv(K, BK)
+    T = tl.cdiv(NT, SPLIT_K)
+    i_lo = i_s * T
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     o_nw = i_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
-    o_shift = _awq_shifts(BN)
+    o_k = i_lo.to(tl.int64) * BK + tl.arange(0, BK)
     m_m, m_n, m_nw = o_m < M, o_n < N, o_nw < NW
+    # Pointers advance by one tile per step instead of being rebuilt from 64-bit row indices.
+    p_q = qweight + o_k[:, None] * NW + o_nw[None, :]
+    p_x = x + o_m[:, None] * K + o_k[None, :]
 
-    NT = tl.cdiv(K, BK)
-    T = tl.cdiv(NT, SPLIT_K)
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for i_t in range(i_s * T, tl.minimum(i_s * T + T, NT)):
-        k0 = i_t * BK
-        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+    for i_t in range(i_lo, tl.minimum(i_lo + T, NT)):
         m_k = o_k < K
-        b_qz, b_s = _awq_load_tile(qweight, qzeros, scales, k0, o_k, o_n, o_nw, o_shift, m_k, m_n, m_nw, N, NW, G,
-                                   ONE_GROUP)
-        if not ONE_GROUP:
-            b_qz *= b_s
-        if BM == 1:
-            # Register FMA path: no tensor cores, no padded rows, and the dequantized tile stays in the layout it
-            # was loaded in (a 2-D accumulator would make Triton convert the whole tile through shared memory).
-            b_x = tl.load(x + i_m.to(tl.int64) * K + o_k, mask=m_k, other=0.).to(tl.float32)
-            b_t = tl.sum(b_x[:, None] * b_qz, 0)[None, :]
-        else:
-            b_x = tl.load(x + o_m[:, None] * K + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.)
-            b_t = _dot(b_x, b_qz, None, F32_DOT)
-        # Scaling the [BM, BN] partial instead of the [BK, BN] tile: fewer multiplies, and q - z enters the dot
-        # exactly (it fits fp16 and bf16), so the only weight rounding left is the scale's own.
+        b_qz, b_s = _awq_load_tile(p_q, m_k[:, None] & m_nw[None, :], qzeros, scales, i_t * BK, o_k, o_n, o_nw,
+                                   m_k, m_n, m_nw, N, NW, G, BN, DT, ONE_GROUP)
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.).to(DT)
         if ONE_GROUP:
-            b_t *= b_s
-        b_acc += b_t
+            # Scale the [BM, BN] partial rather than the [BK, BN] tile: fewer multiplies, and q - z enters the
+            # dot exactly, so the products are exact and only the fp32 sums round.
+            b_acc += _dot(b_x, b_qz, None, DT) * b_s
+        else:
+            b_acc = _dot(b_x, b_qz * b_s.to(DT), b_acc, DT)
+        p_q += BK * NW
+        p_x += BK
+        o_k += BK
     o_y = o_m[:, None] * N + o_n[None, :]
     m_y = m_m[:, None] & m_n[None, :]
     if SPLIT_K == 1:
         tl.store(y + o_y, b_acc.to(y.dtype.element_ty), mask=m_y)
     else:
-        tl.store(partials + i_s.to(tl.int64) * M * N + o_y, b_acc, mask=m_y)
-
-
-@triton.jit
-def splitk_reduce_kernel(partials, y, MN, SPLIT_K, B: tl.constexpr):
-    """``y[i] = sum_s partials[s, i]`` in fp32, cast once to y's dtype. Grid ``(cdiv(MN, B),)``."""
-    i_b = tl.program_id(0)
-    o_i = i_b.to(tl.int64) * B + tl.arange(0, B)
-    m_i = o_i < MN
-    p_p = partials + o_i
-    b_y = tl.zeros([B], dtype=tl.float32)
-    for _ in range(SPLIT_K):
-        b_y += tl.load(p_p, mask=m_i, other=0.)
-        # Advancing the pointer keeps the slab offset 64-bit without an int64 loop counter.
-        p_p += MN
-    tl.store(y + o_i, b_y.to(y.dtype.element_ty), mask=m_i)
+        # tl.cast, not .to: Triton passes M == 1 as a plain int constant.
+        MN = tl.cast(M, tl.int64) * N
+        tl.store(partials + i_s * MN + o_y, b_acc, mask=m_y)
+        # The barrier orders every thread's partial store before the counter's gpu-scope release (CUTLASS's
+        # semaphore pattern); the last arrival acquires it, then reads the partials through L2 (.cg).
+        tl.debug_barrier()
+        p_c = counters + i_m * tl.num_programs(0) + i_n
+        if tl.atomic_add(p_c, 1, sem="acq_rel") == SPLIT_K - 1:
+            p_p = partials + o_y
+            b_y = tl.zeros([BM, BN], dtype=tl.float32)
+            for _ in range(SPLIT_K):
+                b_y += tl.load(p_p, mask=m_y, other=0., cache_modifier=".cg")
+                p_p += MN
+            tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_y)
+            # Every split of this tile has arrived, so nothing else touches the counter in this launch.
+            tl.atomic_xchg(p_c, 0)
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "G"],
@@ -276,12 +302,13 @@ def splitk_reduce_kernel(partials, y, MN, SPLIT_K, B: tl.constexpr):
 def awq_gemm_tiled_kernel(
     x, qweight, qzeros, scales, y, M, N, K, G, NW, M_BUCKET,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    F32_DOT: tl.constexpr, ONE_GROUP: tl.constexpr,
+    DT: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     """Tiled GEMM with in-register dequantization. Grid ``(cdiv(M, BM) * cdiv(N, BN),)``.
 
     x ``[M, K]``, qweight ``[K, N // 8]``, qzeros ``[groups, N // 8]``, scales ``[groups, N]`` -> y ``[M, N]``.
-    ``M_BUCKET`` (next power of two of M) is only the autotuning key, so prompt lengths share tunings.
+    ``NW = N // 8``; ``M_BUCKET`` (next power of two of M) is only the autotuning key, so prompt lengths share
+    tunings; ``DT`` is the dot dtype.
     """
     # Programs sharing a weight column block run back to back (GROUP_M row blocks at a time) for L2 reuse.
     i_p = tl.program_id(0)
@@ -294,20 +321,24 @@ def awq_gemm_tiled_kernel(
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     o_nw = i_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
-    o_shift = _awq_shifts(BN)
+    o_k = tl.arange(0, BK).to(tl.int64)
     m_m, m_n, m_nw = o_m < M, o_n < N, o_nw < NW
+    p_q = qweight + o_k[:, None] * NW + o_nw[None, :]
+    p_x = x + o_m[:, None] * K + o_k[None, :]
 
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for i_t in range(0, tl.cdiv(K, BK)):
-        k0 = i_t * BK
-        o_k = k0 + tl.arange(0, BK).to(tl.int64)
         m_k = o_k < K
-        b_qz, b_s = _awq_load_tile(qweight, qzeros, scales, k0, o_k, o_n, o_nw, o_shift, m_k, m_n, m_nw, N, NW, G,
-                                   ONE_GROUP)
-        b_x = tl.load(x + o_m[:, None] * K + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.)
+        b_qz, b_s = _awq_load_tile(p_q, m_k[:, None] & m_nw[None, :], qzeros, scales, i_t * BK, o_k, o_n, o_nw,
+                                   m_k, m_n, m_nw, N, NW, G, BN, DT, ONE_GROUP)
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.).to(DT)
         # Scaling the tile (not the partial) keeps the accumulator chained through tl.dot, which lets Hopper
-        # overlap consecutive wgmma steps.
-        b_acc = _dot(b_x, b_qz * b_s, b_acc, F32_DOT)
+        # overlap consecutive wgmma steps. fp16 rounds (q - z) * s once, as an fp32 product cast to fp16 would;
+        # bf16 also rounds an fp16 scale to bf16 first.
+        b_acc = _dot(b_x, b_qz * b_s.to(DT), b_acc, DT)
+        p_q += BK * NW
+        p_x += BK
+        o_k += BK
     tl.store(y + o_m[:, None] * N + o_n[None, :], b_acc.to(y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
@@ -323,15 +354,11 @@ def awq_dequant_kernel(qweight, qzeros, scales, w, N, K, G, NW,
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     o_nw = i_n.to(tl.int64) * (BN // 8) + tl.arange(0, BN // 8)
     m_k, m_n, m_nw = o_k < K, o_n < N, o_nw < NW
-    b_qz, b_s = _awq_load_tile(qweight, qzeros, scales, k0, o_k, o_n, o_nw, _awq_shifts(BN), m_k, m_n, m_nw, N, NW,
-                               G, ONE_GROUP)
+    # fp32 dequantization: this route is bound by writing W, so exactness costs nothing.
+    b_qz, b_s = _awq_load_tile(qweight + o_k[:, None] * NW + o_nw[None, :], m_k[:, None] & m_nw[None, :], qzeros,
+                               scales, k0, o_k, o_n, o_nw, m_k, m_n, m_nw, N, NW, G, BN, tl.float32, ONE_GROUP)
     tl.store(w + o_k[:, None] * N + o_n[None, :], (b_qz * b_s).to(w.dtype.element_ty),
              mask=m_k[:, None] & m_n[None, :])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -349,7 +376,7 @@ def _pow2_at_least_16(name: str, value: int) -> None:
 
 def _check_blocks(kernel: str, BM: int | None, BN: int, BK: int, SPLIT_K: int | None = None) -> None:
     """Tile constraints that the GPU compiler enforces but the interpreter does not (tl.dot dims >= 16)."""
-    if BM is not None and not (kernel == "gemv" and BM == 1):
+    if BM is not None:
         _pow2_at_least_16("block_m", BM)
     _pow2_at_least_16("block_n", BN)
     _pow2_at_least_16("block_k", BK)
@@ -370,9 +397,19 @@ def _check_config_tables() -> None:
 _check_config_tables()
 
 
+def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The dtype both dot operands take: x's own, except bf16 under the interpreter, whose bf16 arithmetic runs
+    on raw bits (so bf16 tiles go through the exact fp32 route there)."""
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not _INTERPRETER:
+        return tl.bfloat16
+    return tl.float32
+
+
 def _gemv_block_m(M: int) -> int:
-    """M == 1 takes the FMA path; otherwise pad M up to the 16-row minimum of tl.dot, capped at 64 rows."""
-    return 1 if M == 1 else min(64, max(16, triton.next_power_of_2(M)))
+    """Pad M up to the 16-row minimum of tl.dot; cap at 64 rows (more rows go to more programs)."""
+    return min(64, max(16, triton.next_power_of_2(M)))
 
 
 def _default_blocks(kernel: str, M: int, N: int, K: int) -> dict[str, int]:
@@ -405,17 +442,32 @@ def _explicit_blocks(kernel: str, M: int, N: int, K: int, config: AwqGemmConfig)
     return blocks
 
 
-def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, f32_dot):
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+"""Split-K arrival counters per (device, stream): all zero between launches, since each tile's last split
+resets its own. One buffer per stream keeps launches on different streams from sharing counters."""
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = counters
+    return counters
+
+
+def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
     M, K = x2d.shape
     y = _new_output((M, N), x2d.dtype, x2d.device)
+    m_bucket = triton.next_power_of_2(M)
+    # Enough counters for the finest tiling any config uses (16 x 16 output tiles).
+    counters = _split_counters(x2d.device, triton.cdiv(M, 16) * triton.cdiv(N, 16))
     if config.explicit or _INTERPRETER:
         blocks = _explicit_blocks("gemv", M, N, K, config)
-        split_k = blocks["SPLIT_K"]
-        partials = _new_output((split_k, M, N) if split_k > 1 else (1,), torch.float32, x2d.device)
-        grid = (triton.cdiv(N, blocks["BN"]), split_k, triton.cdiv(M, blocks["BM"]))
-        awq_gemv_splitk_kernel.fn[grid](x2d, qweight, qzeros, scales, y, partials, M, N, K, G, N // 8,
-                                        F32_DOT=f32_dot,
-                                        **blocks)
+        partials = _new_output((blocks["SPLIT_K"], M, N), torch.float32, x2d.device)
+        grid = (triton.cdiv(N, blocks["BN"]), blocks["SPLIT_K"], triton.cdiv(M, blocks["BM"]))
+        awq_gemv_splitk_kernel.fn[grid](x2d, qweight, qzeros, scales, y, partials, counters, M, N, K, G, N // 8,
+                                        m_bucket, DT=dot_dtype, **blocks)
     else:
         # The tuner picks SPLIT_K per shape, so the partials buffer is sized for the largest candidate.
         max_split = max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
@@ -425,15 +477,12 @@ def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, f32_dot):
         def grid(meta):
             return (triton.cdiv(N, meta["BN"]), meta["SPLIT_K"], triton.cdiv(M, BM))
 
-        awq_gemv_splitk_kernel[grid](x2d, qweight, qzeros, scales, y, partials, M, N, K, G, N // 8, BM=BM,
-                                     F32_DOT=f32_dot)
-        split_k = awq_gemv_splitk_kernel.best_config.kwargs["SPLIT_K"]
-    if split_k > 1:
-        splitk_reduce_kernel[(triton.cdiv(M * N, _REDUCE_BLOCK),)](partials, y, M * N, split_k, B=_REDUCE_BLOCK)
+        awq_gemv_splitk_kernel[grid](x2d, qweight, qzeros, scales, y, partials, counters, M, N, K, G, N // 8,
+                                     m_bucket, BM=BM, DT=dot_dtype)
     return y
 
 
-def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, f32_dot):
+def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
     M, K = x2d.shape
     y = _new_output((M, N), x2d.dtype, x2d.device)
     m_bucket = triton.next_power_of_2(M)
@@ -441,13 +490,13 @@ def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, f32_dot):
         blocks = _explicit_blocks("gemm", M, N, K, config)
         grid = (triton.cdiv(M, blocks["BM"]) * triton.cdiv(N, blocks["BN"]),)
         awq_gemm_tiled_kernel.fn[grid](x2d, qweight, qzeros, scales, y, M, N, K, G, N // 8, m_bucket, GROUP_M=8,
-                                       F32_DOT=f32_dot, **blocks)
+                                       DT=dot_dtype, **blocks)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
         awq_gemm_tiled_kernel[grid](x2d, qweight, qzeros, scales, y, M, N, K, G, N // 8, m_bucket, GROUP_M=8,
-                                    F32_DOT=f32_dot)
+                                    DT=dot_dtype)
     return y
 
 
@@ -464,11 +513,6 @@ def _launch_dequant(x2d, qweight, qzeros, scales, G, N, config):
 
         awq_dequant_kernel[grid](qweight, qzeros, scales, w, N, K, G, N // 8)
     return x2d @ w
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public entry point
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _validate(x2d, qweight, qzeros, scales, group_size, config) -> tuple[int, int, int]:
@@ -552,13 +596,11 @@ def awq_gemm_triton(
     """
     config = config or AwqGemmConfig()
     M, K, N = _validate(x2d, qweight, qzeros, scales, group_size, config)
-    if M == 0:
-        return x2d.new_empty((0, N))
-    # The interpreter's bf16 arithmetic runs on raw bits, so bf16 tiles are upcast there; fp32 x runs fp32 dots.
-    f32_dot = x2d.dtype == torch.float32 or (_INTERPRETER and x2d.dtype == torch.bfloat16)
+    if M == 0 or N == 0:
+        return x2d.new_zeros((M, N))
     kernel = dispatch(M, config.kernel)
     if kernel == "gemv":
-        return _launch_gemv(x2d, qweight, qzeros, scales, group_size, N, config, f32_dot)
+        return _launch_gemv(x2d, qweight, qzeros, scales, group_size, N, config, _dot_dtype(x2d.dtype))
     if kernel == "gemm":
-        return _launch_gemm(x2d, qweight, qzeros, scales, group_size, N, config, f32_dot)
+        return _launch_gemm(x2d, qweight, qzeros, scales, group_size, N, config, _dot_dtype(x2d.dtype))
     return _launch_dequant(x2d, qweight, qzeros, scales, group_size, N, config)

@@ -28,7 +28,7 @@ from .calibration import (
     propagate,
 )
 from .scaling_groups import BlockLayout, discover_block_layout, fold_scales
-from .search import WeightQuantizer, apply_clip, search_best_clip, search_best_scales
+from .search import GramError, ReplayError, WeightQuantizer, apply_clip, search_best_clip, search_best_scales
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class BlockReport:
     """What AWQ did to one decoder block (names are relative to the block).
 
     - ``unscaled``: linears without a foldable producer (e.g. ``o_proj`` under GQA); they are only clipped.
-    - ``clipped``: linear -> number of ``(row, group)`` ranges whose max was shrunk.
+    - ``clipped``: linear (``name[start:stop]`` when only those rows may be clipped, e.g. a fused qkv's v rows)
+      -> number of ``(row, group)`` ranges whose max was shrunk.
     - ``clip_skipped``: linears not clipped because their outputs feed attention scores (q, k) or are not
       quantized.
     - ``held_bytes``: calibration activations alive while this block was processed (its inputs, outputs and
@@ -95,25 +96,26 @@ class AwqReport:
     def __str__(self) -> str:
         phases = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in self.phase_seconds().items())
         peak_mib = max((block.held_bytes for block in self.blocks), default=0) / 2**20
-        lines = [
+        header = (
             f"AWQ W{self.bits} g{self.group_size}: {len(self.blocks)} blocks, calibration {self.n_samples}x"
-            f"{self.seq_len} tokens, {self.seconds:.1f} s ({phases}), peak activations {peak_mib:.0f} MiB",
-            f"{'block':<18} {'producer':<28} {'linears':<44} {'inspected':<18} {'alpha':>5} "
-            f"{'mse rtn':>10} {'mse awq':>10}",
-        ]
+            f"{self.seq_len} tokens, {self.seconds:.1f} s ({phases}), peak activations {peak_mib:.0f} MiB"
+        )
+        rows = [("block", "producer", "linears", "inspected", "alpha", "mse rtn", "mse awq")]
+        notes = []
         for block in self.blocks:
             for group in block.groups:
-                lines.append(
-                    f"{block.name:<18} {group.producer:<28} {', '.join(group.linears):<44} "
-                    f"{group.inspected:<18} {group.best_alpha:>5.2f} {group.error_rtn:>10.3e} "
-                    f"{group.error_awq:>10.3e}"
-                )
+                rows.append((
+                    block.name, group.producer, ", ".join(group.linears), group.inspected,
+                    f"{group.best_alpha:.2f}", f"{group.error_rtn:.3e}", f"{group.error_awq:.3e}",
+                ))
             clipped = ", ".join(f"{name} {count}" for name, count in block.clipped.items())
-            lines.append(
-                f"{block.name:<18} unscaled: {', '.join(block.unscaled) or '-'}; clipped (row, group) ranges: "
-                f"{clipped or '-'}; clip skipped: {', '.join(block.clip_skipped) or '-'}"
+            notes.append(
+                f"{block.name}: unscaled {', '.join(block.unscaled) or '-'}; clipped (row, group) ranges "
+                f"{clipped or '-'}; clip skipped {', '.join(block.clip_skipped) or '-'}"
             )
-        return "\n".join(lines)
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join([header, *table, *notes])
 
 
 @dataclass(frozen=True)
@@ -205,11 +207,14 @@ def _transform_block(
     groups = [group for group in layout.groups if any(quantized[linear] for linear in group.linears)]
     stopwatch.lap("discover")
 
+    # A group inspecting its single linear is scored from that linear's input Gram matrix (exact, cheap).
+    gram_groups = {group.inspect for group in groups if group.inspect in group.linears}
     activations = capture_block_activations(
         block,
         calls,
-        replay_modules={group.inspect for group in groups},
+        replay_modules={group.inspect for group in groups if group.inspect not in gram_groups},
         input_linears=[names[0] for names in layout.input_sets],
+        gram_linears=gram_groups,
         n_sample_tokens=settings.clip_tokens,
     )
     next_probe = propagate(block, probe)
@@ -220,9 +225,13 @@ def _transform_block(
     input_scales: dict[str, torch.Tensor] = {}
     results = []
     for group in groups:
+        inspected = block.get_submodule(group.inspect)
+        if group.inspect in gram_groups:
+            output_error = GramError(inspected, activations.input_gram[group.inspect], activations.n_tokens)
+        else:
+            output_error = ReplayError(inspected, activations.replay_inputs[group.inspect])
         result = search_best_scales(
-            block.get_submodule(group.inspect),
-            activations.replay_inputs[group.inspect],
+            output_error,
             [block.get_submodule(linear) for linear in group.linears],
             [quantized[linear] for linear in group.linears],
             activations.input_abs_mean[group.linears[0]],
@@ -252,7 +261,9 @@ def _transform_block(
         groups=tuple(group_reports),
         unscaled=tuple(linear for linear in layout.unscaled_linears if quantized[linear]),
         clipped=clipped,
-        clip_skipped=tuple(linear for linear in quantized if linear not in clipped),
+        clip_skipped=tuple(
+            linear for linear, converts in quantized.items() if not converts or linear not in layout.clip_rows
+        ),
         held_bytes=held,
         seconds=stopwatch.laps,
     )
@@ -279,9 +290,11 @@ def _clip_block(
             inputs = token_samples[names[0]]
             if linear in input_scales:
                 inputs = inputs / input_scales[linear]
-            weight = block.get_submodule(linear).weight.detach()[layout.clip_rows[linear]]
+            rows = layout.clip_rows[linear]
+            weight = block.get_submodule(linear).weight.detach()[rows]
             max_val = search_best_clip(weight, inputs, settings.quantizer)
-            clipped[linear] = apply_clip(weight, max_val, settings.quantizer)
+            label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
+            clipped[label] = apply_clip(weight, max_val, settings.quantizer)
     return clipped
 
 
@@ -302,8 +315,9 @@ def _log_block(block: BlockReport) -> None:
 def _validate(
     calibration_ids: torch.Tensor, bits: int, group_size: int, n_grid: int, clip_tokens: int, batch_size: int
 ) -> None:
-    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2 or calibration_ids.is_floating_point():
-        shape = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else type(calibration_ids)
+    is_tensor = isinstance(calibration_ids, torch.Tensor)
+    if not is_tensor or calibration_ids.dim() != 2 or calibration_ids.is_floating_point():
+        shape = tuple(calibration_ids.shape) if is_tensor else type(calibration_ids)
         raise ValueError(
             f"calibration_ids must be an integer tensor [n_samples, seq_len], got {shape}; tokenize the calibration "
             "text and stack equal-length samples."

@@ -55,13 +55,17 @@ class BlockActivations:
 
     - ``replay_inputs``: inspected module name -> its inputs, one :class:`ModuleInputs` per mini-batch.
     - ``input_abs_mean``: linear name -> ``[in_features]`` mean ``|x|`` of its input over all calibration tokens.
-    - ``token_samples``: linear name -> ``[n_tokens, in_features]`` evenly subsampled input tokens (clip search).
+    - ``token_samples``: linear name -> ``[n_samples, in_features]`` evenly subsampled input tokens (clip search).
+    - ``input_gram``: linear name -> ``[in_features, in_features]`` ``sum_t x_t x_t^T`` over all tokens.
+    - ``n_tokens``: calibration tokens seen by each linear.
     - ``outputs``: the block's outputs as the next block's inputs (computed before the block is modified).
     """
 
     replay_inputs: dict[str, list[ModuleInputs]] = field(default_factory=dict)
     input_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
     token_samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_tokens: int = 0
     outputs: list[BlockCall] = field(default_factory=list)
 
 
@@ -132,11 +136,14 @@ def propagate(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
 
 
 class _InputStatistics:
-    """Forward pre-hook: running ``sum |x|`` per input channel and an every-``step``-th token sample."""
+    """Forward pre-hook: running ``sum |x|`` per input channel, an every-``step``-th token sample and, when asked,
+    the Gram matrix ``sum_t x_t x_t^T``."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, with_gram: bool):
         self.step = step
         self.abs_sum: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.with_gram = with_gram
         self.n_tokens = 0
         self.samples: list[torch.Tensor] = []
 
@@ -144,6 +151,9 @@ class _InputStatistics:
         tokens = (args[0] if args else kwargs["input"]).reshape(-1, module.in_features)
         batch_abs_sum = tokens.abs().sum(0, dtype=torch.float64)
         self.abs_sum = batch_abs_sum if self.abs_sum is None else self.abs_sum + batch_abs_sum
+        if self.with_gram:
+            batch_gram = tokens.T.float() @ tokens.float()
+            self.gram = batch_gram if self.gram is None else self.gram + batch_gram
         # Global token index t is kept when t % step == 0; clone so the view does not pin the whole mini-batch.
         self.samples.append(tokens[(-self.n_tokens) % self.step :: self.step].clone())
         self.n_tokens += tokens.shape[0]
@@ -158,17 +168,21 @@ def capture_block_activations(
     calls: list[BlockCall],
     replay_modules: Iterable[str],
     input_linears: Iterable[str],
+    gram_linears: Iterable[str],
     n_sample_tokens: int,
 ) -> BlockActivations:
     """One hooked pass of ``block`` over all mini-batches (see :class:`BlockActivations`).
 
     ``replay_modules`` are block-relative names of modules to replay later; ``input_linears`` are block-relative
-    linear names whose input statistics and token samples are kept. Samples take every ``step``-th token of the
-    concatenated calibration tokens (``step = total // n_sample_tokens``), like AutoAWQ's clip search.
+    linear names whose input statistics and token samples are kept, ``gram_linears`` (a subset) those whose input
+    Gram matrix is kept too. Samples take every ``step``-th token of the concatenated calibration tokens
+    (``step = total // n_sample_tokens``), like AutoAWQ's clip search.
     """
     activations = BlockActivations()
-    total_tokens = sum(call.hidden_states.shape[:-1].numel() for call in calls)
-    statistics = {name: _InputStatistics(max(1, total_tokens // n_sample_tokens)) for name in input_linears}
+    activations.n_tokens = sum(call.hidden_states.shape[:-1].numel() for call in calls)
+    step = max(1, activations.n_tokens // n_sample_tokens)
+    gram_linears = set(gram_linears)
+    statistics = {name: _InputStatistics(step, name in gram_linears) for name in input_linears}
 
     def keep_inputs(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -191,6 +205,8 @@ def capture_block_activations(
     for name, stats in statistics.items():
         activations.input_abs_mean[name] = stats.mean_abs()
         activations.token_samples[name] = torch.cat(stats.samples)
+        if stats.gram is not None:
+            activations.input_gram[name] = stats.gram
     return activations
 
 

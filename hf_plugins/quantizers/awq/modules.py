@@ -9,6 +9,10 @@ Buffers (the checkpoint format):
 - ``bias`` in the model dtype ``[out]`` when the original layer had one.
 
 ``groups = ceil(in / group_size)`` (1 for per-channel ``group_size=-1``).
+
+On CPU the packed int4 weights are converted once, on the first forward, into the layout of the CPU kernel
+(``hf_plugins.kernels.awq_gemm.prepack``) and the AWQ ``qweight`` buffer is released, so only ~4 bits per weight
+stay in memory; ``state_dict``, loading and device moves regenerate the AWQ tensors bit-identically.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.awq_gemm import awq_gemm, pack_awq, unpack_awq
+from ...kernels._dispatch import choose_backend
+from ...kernels.awq_gemm import CpuAwqWeight, awq_gemm, awq_gemm_cpu, pack_awq, prepack, unpack_awq, unprepack
 from .int_quant import num_groups, quantize_groupwise
 
 
@@ -56,6 +61,8 @@ class AwqLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self._cpu_weight: CpuAwqWeight | None = None
+        self._register_state_dict_hook(_state_dict_with_awq_qweight)
 
     @property
     def kernel_group_size(self) -> int:
@@ -88,10 +95,34 @@ class AwqLinear(nn.Module):
             module.bias.copy_(linear.bias.detach())
         return module
 
+    def awq_qweight(self) -> torch.Tensor:
+        """``qweight`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active."""
+        return unprepack(self._cpu_weight)[0] if self._cpu_weight is not None else self.qweight
+
+    def _release_cpu_weight(self) -> None:
+        """Restore the AWQ ``qweight`` buffer and drop the CPU prepacked form."""
+        if self._cpu_weight is not None:
+            self.qweight = self.awq_qweight()
+            self._cpu_weight = None
+
+    def _cpu_prepacked(self) -> CpuAwqWeight:
+        if self._cpu_weight is None:
+            self._cpu_weight = prepack(self.qweight, self.qzeros, self.scales, self.kernel_group_size)
+            self.qweight = torch.empty(0, dtype=torch.int32)
+        return self._cpu_weight
+
+    def _apply(self, fn, recurse=True):
+        self._release_cpu_weight()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._release_cpu_weight()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The effective weight ``[out, in]`` in float32 (for tests, merging and ``dequantize()``)."""
+        """The effective weight ``[out, in]`` in float32 (for training, tests and ``dequantize()``)."""
         if uses_awq_layout(self.bits, self.out_features):
-            codes, zeros = unpack_awq(self.qweight), unpack_awq(self.qzeros)
+            codes, zeros = unpack_awq(self.awq_qweight()), unpack_awq(self.qzeros)
         else:
             codes, zeros = self.qweight.to(torch.int32), self.qzeros.to(torch.int32)
         group = self.kernel_group_size
@@ -100,13 +131,44 @@ class AwqLinear(nn.Module):
         return ((codes - zeros).float() * scales).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_awq_layout(self.bits, self.out_features):
-            return awq_gemm(x, self.qweight, self.qzeros, self.scales, self.kernel_group_size, bias=self.bias)
-        # Other widths have no packed kernel: a transient dequantized weight, freed after the call.
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if not uses_awq_layout(self.bits, self.out_features):
+            # Other bit widths have no packed kernel: a transient dequantized weight, freed after the call.
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedMatmul.apply(x, self)
+        return self.packed_forward(x)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]`` through the packed int4 kernel of ``x``'s device."""
+        if choose_backend("awq_gemm", x.device) == "cpu":
+            return awq_gemm_cpu(x, self._cpu_prepacked(), self.bias)
+        self._release_cpu_weight()
+        return awq_gemm(x, self.qweight, self.qzeros, self.scales, self.kernel_group_size, bias=self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """The packed kernel forward with a gradient for ``x`` only (weights are frozen integers), so adapters such
+    as LoRA train on top; the backward uses a transient dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: AwqLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.packed_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.module.dequantized_weight().to(grad_out.dtype)
+        return grad_out @ weight, None
+
+
+def _state_dict_with_awq_qweight(module: AwqLinear, state_dict, prefix, local_metadata):
+    """Checkpoints always hold the AWQ layout, even while the CPU prepacked form is the one in memory."""
+    if module._cpu_weight is not None:
+        state_dict[prefix + "qweight"] = module.awq_qweight()
+    return state_dict

@@ -381,7 +381,9 @@ def _affine_tail_start(block: nn.Module, trace: _Trace, attention: str, linear: 
 
     if is_affine(0):
         return 0
-    not_affine, affine = 0, out_features
+    if not is_affine(out_features - 1):
+        return out_features
+    not_affine, affine = 0, out_features - 1
     while affine - not_affine > 1:
         middle = (not_affine + affine) // 2
         if is_affine(middle):

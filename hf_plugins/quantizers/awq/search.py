@@ -6,6 +6,7 @@ the final weights, so what the search measures is what the model gets. All math 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,49 @@ def candidate_scales(
     return torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
 
 
+class ReplayError:
+    """MSE of ``module``'s output against its float output, replaying its captured mini-batch inputs.
+
+    The float reference is computed at construction, so construct it before any weight is changed.
+    """
+
+    def __init__(self, module: nn.Module, replay_inputs: list[ModuleInputs]):
+        self.module = module
+        self.replay_inputs = replay_inputs
+        self.reference = [inputs.run(module) for inputs in replay_inputs]
+
+    def __call__(self) -> float:
+        squared_error = 0.0
+        count = 0
+        for inputs, expected in zip(self.replay_inputs, self.reference):
+            difference = inputs.run(self.module) - expected
+            squared_error += difference.pow(2).sum(dtype=torch.float64).item()
+            count += difference.numel()
+        return squared_error / count
+
+
+class GramError:
+    """MSE of one linear's output against its float output, from the input Gram matrix ``G [in, in]``.
+
+    ``mean_{t,o} ((W0 - W) x_t)_o^2 = sum((D @ G) * D) / (n_tokens * out)`` with ``D = W0 - W`` and
+    ``G = sum_t x_t x_t^T``: the same number as replaying the linear (bias cancels), at ``out * in^2`` per
+    evaluation whatever the number of calibration tokens. ``W0`` is the weight at construction.
+    """
+
+    def __init__(self, linear: nn.Linear, gram: torch.Tensor, n_tokens: int):
+        self.linear = linear
+        self.original = linear.weight.detach().float().clone()
+        self.gram = gram
+        self.normaliser = n_tokens * linear.out_features
+
+    def __call__(self) -> float:
+        difference = self.original - self.linear.weight.float()
+        return ((difference @ self.gram) * difference).sum(dtype=torch.float64).item() / self.normaliser
+
+
 @torch.inference_mode()
 def search_best_scales(
-    inspected: nn.Module,
-    replay_inputs: list[ModuleInputs],
+    output_error: Callable[[], float],
     linears: list[nn.Linear],
     quantized: list[bool],
     input_magnitude: torch.Tensor,
@@ -90,22 +130,21 @@ def search_best_scales(
 ) -> ScaleSearchResult:
     """Grid-search ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}`` for the group ``linears`` (sharing one input).
 
-    For each candidate ``s``, every quantized linear gets ``W <- Q(W * s) / s``, ``inspected`` is replayed on all
-    mini-batches, and the MSE against its float output is kept. Weights are restored before returning; linears
-    marked not ``quantized`` keep their float weights during the trials. ``input_magnitude`` is ``mean |x| [in]``.
+    For each candidate ``s``, every quantized linear gets ``W <- Q(W * s) / s`` and ``output_error()`` (a
+    :class:`ReplayError` or :class:`GramError` of the inspected module) is measured. Weights are restored before
+    returning; linears marked not ``quantized`` keep their float weights during the trials. ``input_magnitude`` is
+    ``mean |x| [in]`` over all calibration tokens.
     """
     originals = [linear.weight.detach().clone() for linear in linears]
-    reference = [inputs.run(inspected) for inputs in replay_inputs]
     weight_mean = None
     if duo_scaling:
-        to_quantize = [weight for weight, flag in zip(originals, quantized) if flag]
-        weight_mean = weight_magnitude(to_quantize, quantizer)
+        weight_mean = weight_magnitude([w for w, flag in zip(originals, quantized) if flag], quantizer)
 
     def error_with(scales: torch.Tensor) -> float:
         for linear, original, flag in zip(linears, originals, quantized):
             if flag:
                 linear.weight.copy_(quantizer.fake(original * scales) / scales)
-        error = _mean_squared_error(inspected, replay_inputs, reference)
+        error = output_error()
         for linear, original in zip(linears, originals):
             linear.weight.copy_(original)
         return error
@@ -119,16 +158,6 @@ def search_best_scales(
         if best is None or error < best.error_awq:
             best = ScaleSearchResult(scales, alpha, error_rtn, error)
     return best
-
-
-def _mean_squared_error(module: nn.Module, replay_inputs: list[ModuleInputs], reference: list[torch.Tensor]) -> float:
-    squared_error = 0.0
-    count = 0
-    for inputs, expected in zip(replay_inputs, reference):
-        difference = inputs.run(module) - expected
-        squared_error += difference.pow(2).sum(dtype=torch.float64).item()
-        count += difference.numel()
-    return squared_error / count
 
 
 @torch.inference_mode()

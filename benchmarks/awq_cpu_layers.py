@@ -1,0 +1,175 @@
+"""AWQ int4 CPU GEMM vs fp32 ``F.linear`` at the real layer shapes of SmolLM2-135M and Qwen2.5-Coder-1.5B.
+
+For every distinct layer shape, after a correctness check of both CPU kernels against the float64 reference,
+times fp32 ``F.linear`` (the baseline, same process), the int4pack kernel, the dequant + sgemm kernel, and reports
+which one :func:`hf_plugins.kernels.awq_gemm.cpu.use_int4pack` picks. Ratios are baseline time / kernel time
+(> 1 is faster than fp32). Also reports in-memory weight bytes vs bf16.
+
+    python benchmarks/awq_cpu_layers.py [--threads 1,2] [--rows 1,8,64] [--min-time 0.3]
+
+ATen's CPU capability decides the int4pack kernel's speed and layout; to measure an AVX2-only CPU on an AVX512
+one, run with ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` (the machine tag in the file name says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
+from hf_plugins.kernels.awq_gemm import awq_dequantize, awq_gemm_reference, pack_awq, prepack  # noqa: E402
+from hf_plugins.kernels.awq_gemm import cpu as awq_cpu  # noqa: E402
+from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
+
+GROUP_SIZE = 128
+
+# (roles, in_features, out_features) per distinct nn.Linear shape of one decoder block.
+MODELS = {
+    "smollm2-135m": [
+        ("q,o", 576, 576),
+        ("k,v", 576, 192),
+        ("gate,up", 576, 1536),
+        ("down", 1536, 576),
+    ],
+    "qwen2.5-coder-1.5b": [
+        ("q,o", 1536, 1536),
+        ("k,v", 1536, 256),
+        ("gate,up", 1536, 8960),
+        ("down", 8960, 1536),
+    ],
+}
+
+KERNELS = {"int4pack": awq_cpu._int4pack_matmul, "dequant": awq_cpu._dequant_matmul}
+# int4pack computes with bf16 activations; dequant computes in fp32 (see hf_plugins.kernels.awq_gemm.cpu).
+KERNEL_DTYPE = {"int4pack": torch.bfloat16, "dequant": torch.float32}
+
+
+def random_awq_layer(in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random AWQ tensors with realistic magnitudes: ``qweight [in, out // 8]``, ``qzeros``, fp16 ``scales``."""
+    groups = -(-in_features // GROUP_SIZE)
+    qweight = pack_awq(torch.randint(0, 16, (in_features, out_features), dtype=torch.int32))
+    qzeros = pack_awq(torch.randint(6, 10, (groups, out_features), dtype=torch.int32))
+    scales = (torch.rand(groups, out_features) * 0.004 + 0.001).half()
+    return qweight, qzeros, scales
+
+
+def check_kernels(x: torch.Tensor, tensors: tuple, weight: awq_cpu.CpuAwqWeight) -> dict[str, float]:
+    """Max relative error of each runnable kernel vs the float64 reference; raises if one exceeds its tolerance."""
+    expected = awq_gemm_reference(x, *tensors, weight.group_size)
+    errors = {}
+    for name, kernel in KERNELS.items():
+        if name == "int4pack" and not weight.kernel_group:
+            continue
+        errors[name] = max_rel_error(kernel(x, weight), expected)
+        if errors[name] > FLOAT_KERNEL_RTOL[KERNEL_DTYPE[name]]:
+            raise AssertionError(f"{name} failed its correctness check: rel error {errors[name]:.2e}")
+    return errors
+
+
+def bench_shape(in_features: int, out_features: int, rows_list: list[int], threads_list: list[int], min_time: float):
+    """Time one layer shape; returns a list of result rows (one per threads x rows)."""
+    tensors = random_awq_layer(in_features, out_features)
+    weight = prepack(*tensors, GROUP_SIZE)
+    dense = awq_dequantize(*tensors, weight.group_size).t().contiguous()
+    errors = check_kernels(torch.randn(max(rows_list), in_features), tensors, weight)
+    results = []
+    for threads in threads_list:
+        with pinned_threads(threads):
+            for rows in rows_list:
+                x = torch.randn(rows, in_features)
+                base = time_fn(lambda: F.linear(x, dense), min_time_s=min_time)
+                timings = {name: time_fn(lambda k=kernel: k(x, weight), min_time_s=min_time) for name, kernel in
+                           KERNELS.items() if name in errors}
+                chosen = "int4pack" if awq_cpu.use_int4pack(rows, weight) else "dequant"
+                results.append({
+                    "threads": threads,
+                    "rows": rows,
+                    "fp32_linear": base.as_dict(),
+                    **{name: t.as_dict() for name, t in timings.items()},
+                    "chosen": chosen,
+                    "speedup_chosen": base.median_ms / timings[chosen].median_ms,
+                    "speedup_chosen_min": base.min_ms / timings[chosen].min_ms,
+                })
+    return {"rel_error": errors, "weight_bytes": weight.nbytes(), "bf16_bytes": in_features * out_features * 2,
+            "kernel_group": weight.kernel_group, "timings": results}
+
+
+def print_table(model: str, shapes: list[tuple], measured: dict) -> None:
+    print(f"\n{model} (group {GROUP_SIZE}; ms are medians; x = fp32 time / kernel time; (min) = ratio of minima)")
+    header = f"{'layer':8} {'in x out':>11} {'thr':>3} {'M':>3} {'fp32 ms':>8} {'int4pack':>15} {'dequant':>15} " \
+             f"{'chosen':>9} {'vs fp32':>7} {'(min)':>6} {'load':>5} {'bytes/bf16':>10}"
+    print(header)
+    for roles, k, n in shapes:
+        shape = measured[f"{k}x{n}"]
+        for t in shape["timings"]:
+            base = t["fp32_linear"]["median_ms"]
+            cells = []
+            for name in KERNELS:
+                ms = t[name]["median_ms"] if name in t else float("nan")
+                cells.append(f"{ms:7.3f} ({base / ms:4.2f}x)")
+            print(f"{roles:8} {f'{k}x{n}':>11} {t['threads']:>3} {t['rows']:>3} {base:8.3f} {cells[0]:>15} "
+                  f"{cells[1]:>15} {t['chosen']:>9} {t['speedup_chosen']:6.2f}x {t['speedup_chosen_min']:5.2f}x "
+                  f"{t['fp32_linear']['other_cores_busy']:5.2f}"
+                  f" {shape['weight_bytes'] / shape['bf16_bytes']:9.1%}")
+
+
+def block_summary(shapes: list[tuple], measured: dict) -> list[dict]:
+    """Per decoder block (7 linears: q, k, v, o, gate, up, down): summed fp32 vs chosen-kernel time."""
+    summary = {}
+    for roles, k, n in shapes:
+        count = len(roles.split(","))
+        for t in measured[f"{k}x{n}"]["timings"]:
+            entry = summary.setdefault((t["threads"], t["rows"]), {"fp32_ms": 0.0, "awq_ms": 0.0})
+            entry["fp32_ms"] += count * t["fp32_linear"]["median_ms"]
+            entry["awq_ms"] += count * t[t["chosen"]]["median_ms"]
+    return [{"threads": th, "rows": m, **v, "speedup": v["fp32_ms"] / v["awq_ms"]} for (th, m), v in summary.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (1 is the primary number)")
+    parser.add_argument("--rows", default="1,8,64", help="comma-separated M = batch * seq")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per measurement")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args()
+    threads_list = [int(v) for v in args.threads.split(",")]
+    rows_list = [int(v) for v in args.rows.split(",")]
+    torch.manual_seed(0)
+    report = {
+        "benchmark": "awq_cpu_layers",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_name(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "int4pack_layout": list(awq_cpu.native_layout()),
+        "group_size": GROUP_SIZE,
+        "models": {},
+    }
+    for model in args.models.split(","):
+        shapes = MODELS[model]
+        measured = {f"{k}x{n}": bench_shape(k, n, rows_list, threads_list, args.min_time) for _, k, n in shapes}
+        print_table(model, shapes, measured)
+        summary = block_summary(shapes, measured)
+        for s in summary:
+            print(f"  block of 7 linears, {s['threads']} thread(s), M={s['rows']}: fp32 {s['fp32_ms']:.3f} ms, "
+                  f"awq {s['awq_ms']:.3f} ms -> {s['speedup']:.2f}x")
+        report["models"][model] = {"shapes": {roles: f"{k}x{n}" for roles, k, n in shapes}, "measured": measured,
+                                   "block_summary": summary}
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"awq_cpu_layers-{report['date']}-{report['machine']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

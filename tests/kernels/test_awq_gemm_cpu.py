@@ -1,0 +1,226 @@
+"""The CPU AWQ GEMM path against the float64 reference, its kernel-choice rule, and backend dispatch.
+
+Tolerances come from ``tests/tolerances.py`` by the activation dtype the kernel actually computes with: the int4pack
+kernel is only fast with bf16 activations, so it casts fp32/fp16 inputs to bf16 (bf16 tolerance); the dequant
+kernel computes in fp32 (fp32 tolerance, or the input's dtype when that is coarser).
+"""
+
+import logging
+
+import pytest
+import torch
+
+from hf_plugins.kernels import _dispatch
+from hf_plugins.kernels.awq_gemm import awq_gemm, awq_gemm_cpu, awq_gemm_reference, pack_awq, prepack
+from hf_plugins.kernels.awq_gemm import cpu as awq_cpu
+from tests.tolerances import assert_close_kernel
+
+
+def _random_awq(in_features: int, out_features: int, group_size: int):
+    group = in_features if group_size == -1 else group_size
+    groups = -(-in_features // group)
+    qweight = pack_awq(torch.randint(0, 16, (in_features, out_features), dtype=torch.int32))
+    qzeros = pack_awq(torch.randint(0, 16, (groups, out_features), dtype=torch.int32))
+    scales = (torch.rand(groups, out_features) * 0.02 + 1e-3).half()
+    return qweight, qzeros, scales
+
+
+def _compute_dtype(kernel: str, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose rounding bounds a kernel's error: bf16 for int4pack, else fp32 or the coarser input."""
+    if kernel == "int4pack":
+        return torch.bfloat16
+    return torch.float32 if x_dtype == torch.float32 else x_dtype
+
+
+@pytest.fixture
+def poison_allocations(monkeypatch):
+    """Make ``torch.empty`` and ``Tensor.new_empty`` return NaN-filled tensors, so unwritten outputs show."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def new_empty(self, *args, **kwargs):
+        t = real_new_empty(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+
+
+@pytest.fixture
+def force_kernel(monkeypatch):
+    """Force :func:`awq_gemm_cpu` onto one kernel, whatever the rule would pick on this CPU."""
+
+    def force(kernel: str) -> None:
+        monkeypatch.setattr(awq_cpu, "use_int4pack", lambda rows, weight: kernel == "int4pack")
+
+    return force
+
+
+SHAPES = [
+    pytest.param(128, 8, 32, id="K128-N8-g32"),
+    pytest.param(384, 24, 128, id="K384-N24-g128"),
+    pytest.param(384, 264, 64, id="K384-N264-g64"),
+    pytest.param(576, 264, 128, id="K576-N264-g128-partial"),
+    pytest.param(256, 40, -1, id="K256-N40-per-channel"),
+    pytest.param(96, 16, 48, id="K96-N16-g48"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
+@pytest.mark.parametrize("in_features, out_features, group_size", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 17, 64], ids=lambda m: f"M{m}")
+def test_cpu_kernels_match_reference(
+    kernel, in_features, out_features, group_size, rows, force_kernel, poison_allocations
+):
+    qweight, qzeros, scales = _random_awq(in_features, out_features, group_size)
+    weight = prepack(qweight, qzeros, scales, group_size)
+    if kernel == "int4pack" and not weight.kernel_group:
+        pytest.skip(f"int4pack has no kernel group for group_size={group_size}; the rule never picks it")
+    force_kernel(kernel)
+    x = torch.randn(rows, in_features)
+    expected = awq_gemm_reference(x, qweight, qzeros, scales, weight.group_size)
+    actual = awq_gemm_cpu(x, weight)
+    assert actual.shape == (rows, out_features) and actual.dtype == torch.float32
+    assert_close_kernel(actual, expected, _compute_dtype(kernel, x.dtype))
+
+
+@pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_3d_input_with_bias(kernel, x_dtype, force_kernel, poison_allocations):
+    qweight, qzeros, scales = _random_awq(192, 72, 64)
+    bias = torch.randn(72)
+    force_kernel(kernel)
+    x = torch.randn(2, 5, 192).to(x_dtype)
+    actual = awq_gemm_cpu(x, prepack(qweight, qzeros, scales, 64), bias)
+    expected = awq_gemm_reference(x.float(), qweight, qzeros, scales, 64, bias)
+    assert actual.shape == (2, 5, 72) and actual.dtype == x_dtype
+    assert_close_kernel(actual, expected, _compute_dtype(kernel, x_dtype))
+
+
+def test_cpu_empty_batch():
+    weight = prepack(*_random_awq(64, 16, 32), 32)
+    assert awq_gemm_cpu(torch.randn(2, 0, 64), weight).shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize(
+    "capability, rows, kernel_group, expected",
+    [
+        pytest.param("AVX512", 1, 128, True, id="avx512-M1-int4pack"),
+        pytest.param("AVX512", 4096, 128, True, id="avx512-M4096-int4pack"),
+        pytest.param("AVX2", 127, 128, True, id="avx2-M127-int4pack"),
+        pytest.param("AVX2", 128, 128, False, id="avx2-M128-dequant"),
+        pytest.param("DEFAULT", 1, 128, False, id="scalar-build-dequant"),
+        pytest.param("AVX512", 1, 0, False, id="no-kernel-group-dequant"),
+    ],
+)
+def test_kernel_rule(capability, rows, kernel_group, expected, monkeypatch):
+    monkeypatch.setattr(awq_cpu, "_cpu_capability", lambda: capability)
+    empty = torch.empty(0)
+    weight = awq_cpu.CpuAwqWeight(empty, empty, torch.empty(1, 8), empty, group_size=128, kernel_group=kernel_group)
+    assert awq_cpu.use_int4pack(rows, weight) is expected
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        pytest.param(torch.randn(3, 65), ValueError, "65 input features but the weight expects 64", id="wrong-K"),
+        pytest.param(torch.randn(3, 64).double(), TypeError, "float32/bfloat16/float16", id="float64"),
+        pytest.param(torch.randn(3, 64, device="meta"), ValueError, "needs a CPU tensor", id="meta-device"),
+    ],
+)
+def test_cpu_rejects_bad_inputs(x, error, match):
+    weight = prepack(*_random_awq(64, 16, 32), 32)
+    with pytest.raises(error, match=match):
+        awq_gemm_cpu(x, weight)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("HF_PLUGINS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "device, requested, env, expected",
+    [
+        pytest.param("cpu", None, None, "cpu", id="cpu-by-device"),
+        pytest.param("cuda", None, None, "triton", id="cuda-by-device"),
+        pytest.param("meta", None, None, "reference", id="other-device-reference"),
+        pytest.param("cpu", None, "reference", "reference", id="env-forces"),
+        pytest.param("cpu", "cpu", "reference", "cpu", id="argument-beats-env"),
+        pytest.param("cpu", "auto", "reference", "reference", id="auto-defers-to-env"),
+        pytest.param("cuda", "reference", None, "reference", id="reference-anywhere"),
+    ],
+)
+def test_choose_backend(device, requested, env, expected, clean_env):
+    if env:
+        clean_env.setenv("HF_PLUGINS_BACKEND", env)
+    assert _dispatch.choose_backend("awq_gemm", device, requested) == expected
+
+
+@pytest.mark.parametrize(
+    "device, requested, env, match",
+    [
+        pytest.param("cuda", "cpu", None, r"cpu backend \(backend='cpu' argument\) needs CPU", id="cpu-on-cuda"),
+        pytest.param("cuda", None, "cpu", r"cpu backend \(HF_PLUGINS_BACKEND=cpu\)", id="env-cpu-on-cuda"),
+        pytest.param("cpu", "triton", None, "set TRITON_INTERPRET=1", id="triton-on-cpu"),
+        pytest.param("cpu", "cuda", None, "backend must be one of", id="unknown-backend"),
+        pytest.param("cpu", None, "fast", "HF_PLUGINS_BACKEND must be one of", id="unknown-env"),
+    ],
+)
+def test_choose_backend_errors(device, requested, env, match, clean_env):
+    if env:
+        clean_env.setenv("HF_PLUGINS_BACKEND", env)
+    with pytest.raises(ValueError, match=match):
+        _dispatch.choose_backend("awq_gemm", device, requested)
+
+
+def test_triton_on_cpu_allowed_under_interpreter(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.choose_backend("awq_gemm", "cpu", "triton") == "triton"
+
+
+def test_choice_is_logged_once(clean_env, caplog):
+    _dispatch._log_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
+        for _ in range(3):
+            _dispatch.choose_backend("awq_gemm", "cpu")
+        _dispatch.choose_backend("awq_gemm", "cpu", "reference")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "hf_plugins: op awq_gemm on cpu uses the cpu backend (by device)",
+        "hf_plugins: op awq_gemm on cpu uses the reference backend (backend='reference' argument)",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("group_size", [64, -1], ids=lambda g: f"g{g}")
+def test_awq_gemm_public_api(backend, group_size, clean_env):
+    qweight, qzeros, scales = _random_awq(128, 24, group_size)
+    bias = torch.randn(24)
+    x = torch.randn(2, 3, 128)
+    actual = awq_gemm(x, qweight, qzeros, scales, group_size, bias=bias, backend=backend)
+    expected = awq_gemm_reference(x, qweight, qzeros, scales, 128 if group_size == -1 else group_size, bias)
+    assert actual.shape == (2, 3, 24)
+    assert_close_kernel(actual, expected, torch.bfloat16 if backend == "cpu" else torch.float32)
+
+
+def test_awq_gemm_triton_backend_reshapes_and_adds_bias(clean_env):
+    """The dispatcher's Triton wrapper (3-D input, bias) under the interpreter, at a tiny shape."""
+    pytest.importorskip("triton")
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    import hf_plugins.kernels.awq_gemm.triton as awq_triton
+
+    if not awq_triton._INTERPRETER:
+        pytest.skip("the Triton module was imported without TRITON_INTERPRET=1")
+    qweight, qzeros, scales = _random_awq(64, 32, 32)
+    bias = torch.randn(32)
+    x = torch.randn(2, 3, 64)
+    actual = awq_gemm(x, qweight, qzeros, scales, 32, bias=bias, backend="triton")
+    assert actual.shape == (2, 3, 32)
+    assert_close_kernel(actual, awq_gemm_reference(x, qweight, qzeros, scales, 32, bias), torch.float32)
+
