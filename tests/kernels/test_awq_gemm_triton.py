@@ -24,10 +24,6 @@ PER_CHANNEL = 0
 """Stands for ``group_size == K`` in the case tables."""
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def make_layer(K: int, N: int, group_size: int, scale_dtype: torch.dtype = torch.float16, device: str = "cpu"):
     """Random packed AWQ layer: ``qweight [K, N // 8]``, ``qzeros [ceil(K / G), N // 8]``, ``scales``."""
     groups = -(-K // group_size)
@@ -199,12 +195,8 @@ def test_bad_inputs(kwargs, match):
         awq_gemm_triton(**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# GPU: the autotuner's tilings at model shapes
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _explicit(kernel: str, cfg) -> AwqGemmConfig:
+    """The autotuner config ``cfg`` as a fixed tiling for ``kernel``."""
     kw = cfg.kwargs
     return AwqGemmConfig(kernel=kernel, block_m=kw.get("BM"), block_n=kw["BN"], block_k=kw["BK"],
                          split_k=kw.get("SPLIT_K"), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -243,8 +235,8 @@ def test_gpu_gather_groups(kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("M", [1, 7, 16, 64, 1024])
-@pytest.mark.parametrize("K, N, G", [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 32)],
-                         ids=["4096x4096-G128", "11008x4096-G128", "4096x11008-G32"])
+@pytest.mark.parametrize("K, N, G", [(4096, 4096, 128), (11008, 4096, 128), (4096, 11008, 32), (1000, 1032, 128)],
+                         ids=["4096x4096-G128", "11008x4096-G128", "4096x11008-G32", "1000x1032-G128-ragged"])
 def test_gpu_autotuned_model_shapes(K, N, G, M, dtype):
     check(M, K, N, G, DTYPES[dtype], None, device="cuda")
 

@@ -231,7 +231,7 @@ def test_clip_search_never_increases_the_partial_product_error():
     weight[:, 3] *= 6  # an outlier column makes clipping pay off
     inputs = torch.randn(300, 80, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
-    max_val = search_best_clip(weight, inputs, quantizer, rows_per_batch=16)
+    max_val = search_best_clip(weight, inputs, quantizer, max_batch_elements=3 * 300 * 10 * 16)
     assert max_val.shape == (40, 3)
     clipped = weight.clone()
     assert apply_clip(clipped, max_val, quantizer) > 0

@@ -14,7 +14,8 @@ in-register dequantizer, which turns nibbles into ``q - z`` exactly in the dot d
 - ``dequant``: dequantize the whole weight once to ``x.dtype`` and call ``torch.matmul`` (cuBLAS); the known
   fast route for M >= ~1024 where the GEMM is compute-bound (AutoAWQ / vLLM PR #2566 threshold).
 
-fp32 activations take an exact fp32 route everywhere (correct, not fast); so do bf16 ones under the interpreter.
+fp32 activations take an exact fp32 route everywhere: correct, not fast (Triton's fp32 "ieee" dot runs on FMA
+units and spills registers at these tiles); bf16 activations take it under the interpreter only.
 
 On a GPU, block sizes come from ``@triton.autotune``; under the Triton interpreter (``TRITON_INTERPRET=1`` at
 import) multi-config autotuning cannot run, so a single un-tuned config with large blocks is used instead.
@@ -191,7 +192,8 @@ def _gemm_prune(configs, named_args, **kwargs):
 
 def _gemv_configs() -> list[triton.Config]:
     # (BN, BK, SPLIT_K, num_warps, num_stages): BN >= 64 keeps each packed row read >= one 32-byte sector;
-    # SPLIT_K trades a second (tiny) reduction launch for enough programs to cover 132 SMs at N = 4096.
+    # SPLIT_K trades fp32 partial traffic and a final in-kernel sum for enough programs to fill 132 SMs at
+    # N = 4096.
     table = [
         (64, 128, 1, 4, 4), (128, 128, 1, 8, 3),
         (64, 128, 4, 4, 4), (128, 64, 4, 4, 4), (128, 128, 4, 8, 3), (256, 64, 4, 8, 3),
@@ -237,12 +239,13 @@ def awq_gemv_splitk_kernel(
     x ``[M, K]``, qweight ``[K, N // 8]``, qzeros ``[groups, N // 8]``, scales ``[groups, N]`` -> y ``[M, N]``
     (x's dtype). With ``SPLIT_K > 1``, split ``i_s`` owns the contiguous K tiles ``[i_s * T, (i_s + 1) * T)``
     and stores its fp32 partial in ``partials [SPLIT_K, M, N]``; ``counters`` (int32, one per output tile,
-    zero on entry and left zero on exit) count the splits that are done. ``NW = N // 8`` is passed on its own so Triton can
-    specialise its divisibility by 16 and issue 16-byte loads of packed rows; ``M_BUCKET`` (next power of two
-    of M) is only the autotuning key, since the best split depends on how many partial rows it writes; ``DT`` is
-    the dot dtype.
-    ``BM >= 16`` even for M = 1: the padded rows cost nothing next to the weight stream, and the tensor-core
-    dot reduces over K without the cross-lane shuffles a register reduction needs on every tile.
+    zero on entry and left zero on exit) count the splits that are done.
+
+    ``NW = N // 8`` is passed on its own so Triton can specialise its divisibility by 16 and issue 16-byte
+    loads of packed rows; ``M_BUCKET`` (next power of two of M) is only the autotuning key, since the best
+    split depends on how many partial rows it writes; ``DT`` is the dot dtype. ``BM >= 16`` even for M = 1:
+    the padded rows cost nothing next to the weight stream, and the tensor-core dot reduces over K without
+    the cross-lane shuffles a register reduction needs on every tile.
     """
     i_n, i_s, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(K, BK)

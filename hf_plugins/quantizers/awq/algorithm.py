@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .calibration import (
+    BlockActivations,
     BlockCall,
     capture_block_activations,
     capture_block_inputs,
@@ -27,13 +28,13 @@ from .calibration import (
     held_bytes,
     propagate,
 )
-from .scaling_groups import BlockLayout, discover_block_layout, fold_scales
+from .scaling_groups import BlockLayout, ScalingGroup, discover_block_layout, fold_scales
 from .search import GramError, ReplayError, WeightQuantizer, apply_clip, search_best_clip, search_best_scales
 
 logger = logging.getLogger(__name__)
 
 # Graph discovery reruns the block a few dozen times; a short single-sequence probe keeps that negligible.
-PROBE_TOKENS = 64
+PROBE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -208,48 +209,20 @@ def _transform_block(
     stopwatch.lap("discover")
 
     # A group inspecting its single linear is scored from that linear's input Gram matrix (exact, cheap).
-    gram_groups = {group.inspect for group in groups if group.inspect in group.linears}
+    gram_scored = {group.inspect for group in groups if group.inspect in group.linears}
     activations = capture_block_activations(
         block,
         calls,
-        replay_modules={group.inspect for group in groups if group.inspect not in gram_groups},
+        replay_modules={group.inspect for group in groups if group.inspect not in gram_scored},
         input_linears=[names[0] for names in layout.input_sets],
-        gram_linears=gram_groups,
+        gram_linears=gram_scored,
         n_sample_tokens=settings.clip_tokens,
     )
     next_probe = propagate(block, probe)
     held = held_bytes(calls, activations)
     stopwatch.lap("capture")
 
-    group_reports = []
-    input_scales: dict[str, torch.Tensor] = {}
-    results = []
-    for group in groups:
-        inspected = block.get_submodule(group.inspect)
-        if group.inspect in gram_groups:
-            output_error = GramError(inspected, activations.input_gram[group.inspect], activations.n_tokens)
-        else:
-            output_error = ReplayError(inspected, activations.replay_inputs[group.inspect])
-        result = search_best_scales(
-            output_error,
-            [block.get_submodule(linear) for linear in group.linears],
-            [quantized[linear] for linear in group.linears],
-            activations.input_abs_mean[group.linears[0]],
-            settings.quantizer,
-            settings.n_grid,
-            settings.duo_scaling,
-        )
-        results.append(result)
-        group_reports.append(
-            GroupReport(
-                str(group.producer), group.linears, group.inspect, result.best_alpha, result.error_rtn,
-                result.error_awq,
-            )
-        )
-    # AutoAWQ order: all groups are searched on the unmodified block, then every scale is applied.
-    for group, result in zip(groups, results):
-        fold_scales(block, group, result.scales)
-        input_scales.update({linear: result.scales for linear in group.linears})
+    group_reports, input_scales = _search_and_fold_scales(block, groups, quantized, activations, settings)
     activations.replay_inputs.clear()
     stopwatch.lap("scale_search")
 
@@ -268,6 +241,47 @@ def _transform_block(
         seconds=stopwatch.laps,
     )
     return block_report, activations.outputs, next_probe
+
+
+def _search_and_fold_scales(
+    block: nn.Module,
+    groups: list[ScalingGroup],
+    quantized: dict[str, bool],
+    activations: BlockActivations,
+    settings: _Settings,
+) -> tuple[list[GroupReport], dict[str, torch.Tensor]]:
+    """Search every group's scales on the unmodified block, then fold them all (AutoAWQ's order).
+
+    Returns the group reports and linear -> the input scales ``[in_features]`` its weight now carries.
+    """
+    reports, results = [], []
+    for group in groups:
+        inspected = block.get_submodule(group.inspect)
+        if group.inspect in activations.input_gram:
+            output_error = GramError(inspected, activations.input_gram[group.inspect], activations.n_tokens)
+        else:
+            output_error = ReplayError(inspected, activations.replay_inputs[group.inspect])
+        result = search_best_scales(
+            output_error,
+            [block.get_submodule(linear) for linear in group.linears],
+            [quantized[linear] for linear in group.linears],
+            activations.input_abs_mean[group.linears[0]],
+            settings.quantizer,
+            settings.n_grid,
+            settings.duo_scaling,
+        )
+        results.append(result)
+        reports.append(
+            GroupReport(
+                str(group.producer), group.linears, group.inspect, result.best_alpha, result.error_rtn,
+                result.error_awq,
+            )
+        )
+    input_scales = {}
+    for group, result in zip(groups, results):
+        fold_scales(block, group, result.scales)
+        input_scales.update({linear: result.scales for linear in group.linears})
+    return reports, input_scales
 
 
 def _clip_block(

@@ -162,33 +162,35 @@ def search_best_scales(
 
 @torch.inference_mode()
 def search_best_clip(
-    weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer, rows_per_batch: int = 256
+    weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer, max_batch_elements: int = 2**24
 ) -> torch.Tensor:
     """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for ``inputs [n_tokens, in]``.
 
     Per (output row, quantization group) tries ``max_val = max|w| * (1 - i / 20)``, ``i = 0..9``, clamps to
-    ``[-max_val, max_val]``, quantizes, and keeps the value with the lowest MSE of the group-partial dot products
-    ``sum_k x[t, k] w[o, k]`` over the tokens. Rows are processed ``rows_per_batch`` at a time to bound memory.
+    ``[-max_val, max_val]``, quantizes, and keeps the first value with the lowest MSE of the group-partial dot
+    products ``sum_k x[t, k] w[o, k]`` over the tokens. All shrink steps of a batch of rows are evaluated in one
+    batched matmul, with as many rows as keep the ``[n_groups, n_tokens, 10, rows]`` products within
+    ``max_batch_elements`` floats (few large ops: a busy CPU makes every small op wait for its threads).
     """
     # [n_groups, n_tokens, width]: one batched matmul per group gives every group-partial product at once.
     grouped_inputs = quantizer.grouped(inputs.float()).transpose(0, 1)
+    n_groups, n_tokens, _ = grouped_inputs.shape
+    rows_per_batch = max(1, max_batch_elements // (n_groups * n_tokens * CLIP_STEPS))
+    shrink = 1 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=weight.device) / CLIP_GRID
     best_max = []
     for rows in weight.float().split(rows_per_batch):
         grouped = quantizer.grouped(rows)
+        n_rows, n_groups, width = grouped.shape
         reference = torch.bmm(grouped_inputs, grouped.permute(1, 2, 0))
-        original_max = grouped.abs().amax(dim=-1)
-        batch_best_max = original_max.clone()
-        batch_best_error = torch.full_like(original_max, float("inf"))
-        for step in range(CLIP_STEPS):
-            max_val = original_max * (1 - step / CLIP_GRID)
-            clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
-            quantized = quantizer.fake(clipped.reshape(rows.shape[0], -1)).reshape(grouped.shape)
-            partial = torch.bmm(grouped_inputs, quantized.permute(1, 2, 0))
-            error = (partial - reference).pow(2).mean(dim=1).transpose(0, 1)
-            better = error < batch_best_error
-            batch_best_error = torch.where(better, error, batch_best_error)
-            batch_best_max = torch.where(better, max_val, batch_best_max)
-        best_max.append(batch_best_max)
+        # [steps, rows, n_groups]
+        max_val = grouped.abs().amax(dim=-1) * shrink[:, None, None]
+        clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
+        quantized = quantizer.fake(clipped.reshape(CLIP_STEPS * n_rows, -1))
+        partial = torch.bmm(grouped_inputs, quantized.reshape(-1, n_groups, width).permute(1, 2, 0))
+        partial = partial.unflatten(-1, (CLIP_STEPS, n_rows))
+        error = (partial - reference[:, :, None, :]).pow(2).mean(dim=1)
+        best_step = error.argmin(dim=1).T
+        best_max.append(max_val.gather(0, best_step[None]).squeeze(0))
     return torch.cat(best_max)
 
 

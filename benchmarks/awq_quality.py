@@ -1,0 +1,123 @@
+"""Held-out perplexity of fp32, RTN, AWQ and a peer quantizer (optimum-quanto) at the same bits and group size.
+
+    python benchmarks/awq_quality.py [--models smollm2-135m qwen2.5-coder-0.5b] [--eval-docs 8]
+
+Target (issue): AWQ's perplexity increase over fp32 at most 60% of RTN's, on wiki and news, and AWQ at or below
+the peer. Writes ``benchmarks/results/awq_quality-<date>-<machine>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hf_plugins  # noqa: E402
+from _timing import machine_name  # noqa: E402
+from hf_plugins import AwqConfig  # noqa: E402
+from hf_plugins.assets import load_model, load_text  # noqa: E402
+from hf_plugins.evaluation import perplexity  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _quanto(model, bits: int) -> None:
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+
+    weights = {2: qint2, 4: qint4, 8: qint8}[bits]
+    quantize(model, weights=weights, exclude=["lm_head"])
+    freeze(model)
+
+
+def _variants(bits_list: list[int], group_size: int, calibration: dict):
+    yield "fp32", None
+    for bits in bits_list:
+        yield f"rtn-w{bits}g{group_size}", lambda m, t, b=bits: hf_plugins.quantize(
+            m, AwqConfig(bits=b, group_size=group_size, scale_search=False, clip=False))
+        yield f"awq-w{bits}g{group_size}", lambda m, t, b=bits: hf_plugins.quantize(
+            m, AwqConfig(bits=b, group_size=group_size, **calibration), calibration_data="wiki", tokenizer=t)
+        if bits in (2, 4, 8):
+            yield f"quanto-w{bits}g128", lambda m, t, b=bits: _quanto(m, b)
+
+
+def _ppl(model, tokenizer, text: str, docs: int) -> float:
+    documents = load_text(text, split="evaluation")[:docs]
+    return perplexity(model, tokenizer, documents, window=512, max_chars=6000, progress=False).perplexity
+
+
+def run_model(name: str, args) -> list[dict]:
+    calibration = dict(calibration_samples=args.calibration_samples, calibration_seq_len=512)
+    rows = []
+    for variant, apply in _variants(args.bits, args.group_size, calibration):
+        model, tokenizer = load_model(name)
+        start = time.perf_counter()
+        try:
+            if apply is not None:
+                with torch.no_grad():
+                    apply(model, tokenizer)
+        except Exception as error:  # a peer that cannot handle this model is reported, not fatal
+            rows.append({"model": name, "variant": variant, "error": f"{type(error).__name__}: {error}"})
+            print(f"{name:<20}{variant:<16} failed: {error}", flush=True)
+            continue
+        seconds = time.perf_counter() - start
+        row = {
+            "model": name,
+            "variant": variant,
+            "quantize_s": seconds,
+            "wiki_ppl": _ppl(model, tokenizer, "wiki", args.eval_docs),
+            "news_ppl": _ppl(model, tokenizer, "news", args.eval_docs * 4),
+        }
+        rows.append(row)
+        print(f"{name:<20}{variant:<16} wiki {row['wiki_ppl']:8.3f}  news {row['news_ppl']:8.3f}  "
+              f"({seconds:.0f} s to quantize)", flush=True)
+        del model
+    return rows
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    """AWQ increase / RTN increase per text and AWQ vs peer, per model and bits."""
+    lines = []
+    by_key = {(r["model"], r["variant"]): r for r in rows if "error" not in r}
+    for (model, variant), row in by_key.items():
+        if not variant.startswith("awq-"):
+            continue
+        fp = by_key[(model, "fp32")]
+        rtn = by_key.get((model, variant.replace("awq-", "rtn-")))
+        peer = by_key.get((model, "quanto-" + variant.split("-")[1][:2] + "g128"))
+        for text in ("wiki", "news"):
+            key = f"{text}_ppl"
+            ratio = (row[key] - fp[key]) / max(rtn[key] - fp[key], 1e-9)
+            verdict = "ok" if ratio <= 0.6 else "MISSED"
+            peer_note = "" if peer is None else f"; peer {peer[key]:.3f} ({'ok' if row[key] <= peer[key] else 'MISSED'})"
+            lines.append(f"{model} {variant} {text}: AWQ/RTN increase {ratio:.2f} (target <= 0.60: {verdict}){peer_note}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--eval-docs", type=int, default=8)
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    args = parser.parse_args()
+    rows = [row for name in args.models for row in run_model(name, args)]
+    summary = _targets(rows)
+    print("\n".join(summary))
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    path = RESULTS / f"awq_quality-{stamp}-{machine_name()}.json"
+    path.write_text(json.dumps({"date": stamp, "machine": machine_name(), "threads": torch.get_num_threads(),
+                                "args": vars(args), "rows": rows, "targets": summary}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
