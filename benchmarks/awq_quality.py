@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--eval-docs", type=int, default=8)
-    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--calibration-samples", type=int, default=8)
     args = parser.parse_args()
     rows = [row for name in args.models for row in run_model(name, args)]
     summary = _targets(rows)

@@ -122,6 +122,7 @@ class AwqReport:
 @dataclass(frozen=True)
 class _Settings:
     quantizer: WeightQuantizer
+    scale_search: bool
     n_grid: int
     duo_scaling: bool
     clip: bool
@@ -139,6 +140,7 @@ def apply_awq(
     bits: int,
     group_size: int,
     modules_to_not_convert: Iterable[str] = frozenset(),
+    scale_search: bool = True,
     n_grid: int = 20,
     duo_scaling: bool = True,
     clip: bool = True,
@@ -153,6 +155,7 @@ def apply_awq(
             caller must quantize with the same ``quantize_groupwise(weight, bits, group_size)``.
         modules_to_not_convert: full-name patterns (transformers' ``should_convert_module`` rules) of linears
             that stay float: they are neither quantized in the search nor clipped.
+        scale_search: run the activation-aware scale search (off: only the clipping search runs).
         n_grid: scale candidates ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}``.
         duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
         clip: run the weight-clipping search after scaling.
@@ -165,7 +168,13 @@ def apply_awq(
     """
     _validate(calibration_ids, bits, group_size, n_grid, clip_tokens, batch_size)
     settings = _Settings(
-        WeightQuantizer(bits, group_size), n_grid, duo_scaling, clip, clip_tokens, tuple(modules_to_not_convert)
+        WeightQuantizer(bits, group_size),
+        scale_search,
+        n_grid,
+        duo_scaling,
+        clip,
+        clip_tokens,
+        tuple(modules_to_not_convert),
     )
     blocks_name, blocks = find_decoder_blocks(model)
     report = AwqReport(bits, group_size, *calibration_ids.shape)
@@ -206,6 +215,8 @@ def _transform_block(
     layout = discover_block_layout(block, probe[0])
     quantized = {linear: settings.converts(f"{name}.{linear}") for names in layout.input_sets for linear in names}
     groups = [group for group in layout.groups if any(quantized[linear] for linear in group.linears)]
+    if not settings.scale_search:
+        groups = []
     stopwatch.lap("discover")
 
     # A group inspecting its single linear is scored from that linear's input Gram matrix (exact, cheap).

@@ -48,7 +48,8 @@ class AwqConfig(QuantizationConfigMixin):
             ``"code"``; held-out articles are never used) or a list of documents. Needed by
             ``from_pretrained(..., quantization_config=...)`` when ``scale_search`` or ``clip`` is on; with
             ``hf_plugins.quantize`` the data can be passed to the call instead. Default: None.
-        calibration_samples (`int`): number of calibration sequences. Default: 32.
+        calibration_samples (`int`): number of calibration sequences (8 x 512 tokens calibrate SmolLM2-135M
+            in under 3 minutes on 2 CPU cores; the paper uses 128). Default: 8.
         calibration_seq_len (`int`): tokens per calibration sequence. Default: 512.
         scale_search (`bool`): AWQ's activation-aware per-channel scale search. Default: True.
         n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.
@@ -70,7 +71,7 @@ class AwqConfig(QuantizationConfigMixin):
         group_size: int = 128,
         zero_point: bool = True,
         calibration: str | list[str] | None = None,
-        calibration_samples: int = 32,
+        calibration_samples: int = 8,
         calibration_seq_len: int = 512,
         scale_search: bool = True,
         n_grid: int = 20,

@@ -80,6 +80,7 @@ def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=Non
             bits=config.bits,
             group_size=config.group_size,
             modules_to_not_convert=frozenset(skip),
+            scale_search=config.scale_search,
             n_grid=config.n_grid,
             duo_scaling=config.duo_scaling,
             clip=config.clip,
