@@ -240,6 +240,34 @@ def test_clip_search_never_increases_the_partial_product_error():
     assert clipped_error < plain_error
 
 
+def _token_loop_clip(weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
+    """AutoAWQ's auto_clip written out: per shrink step, compare group-partial products token by token."""
+    grouped_inputs = quantizer.grouped(inputs)
+    grouped = quantizer.grouped(weight)
+    reference = torch.einsum("tgk,ogk->ogt", grouped_inputs, grouped)
+    original_max = grouped.abs().amax(dim=-1)
+    best_error = torch.full_like(original_max, float("inf"))
+    best_max = original_max.clone()
+    for step in range(10):
+        max_val = original_max * (1 - step / 20)
+        clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
+        quantized = quantizer.fake(clipped.reshape(weight.shape[0], -1)).reshape(grouped.shape)
+        error = (torch.einsum("tgk,ogk->ogt", grouped_inputs, quantized) - reference).pow(2).mean(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+def test_clip_search_matches_the_token_loop():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 80, generator=generator)
+    inputs = torch.randn(300, 80, generator=generator)
+    inputs[:, 5] *= 10
+    quantizer = WeightQuantizer(bits=4, group_size=32)
+    assert torch.equal(search_best_clip(weight, inputs, quantizer), _token_loop_clip(weight, inputs, quantizer))
+
+
 def test_gram_error_equals_replayed_linear_error():
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(96, 24)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook once the wanted activation is captured, so the rest of the forward is skipped."""
 
 
@@ -115,14 +115,14 @@ def capture_block_inputs(
                 "blocks as block(hidden_states, **kwargs) and needs the other inputs passed by keyword."
             )
         calls.append(BlockCall(hidden_states, kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
             try:
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import BlockCall, ModuleInputs, first_tensor
+from .calibration import BlockCall, ModuleInputs, StopForward, first_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,6 @@ class _Trace:
         return call.args[0] if call.args else call.kwargs["input"]
 
 
-class _StopForward(Exception):
-    pass
-
-
 @torch.inference_mode()
 def discover_block_layout(block: nn.Module, probe: BlockCall, seed: int = 0) -> BlockLayout:
     """Scaling groups and clip rows of ``block``, from one traced forward of ``probe`` plus checking forwards.
@@ -160,8 +156,11 @@ def discover_block_layout(block: nn.Module, probe: BlockCall, seed: int = 0) -> 
         if _fold_is_exact(block, probe, trace.output, group, generator):
             groups.append(group)
         else:
-            logger.warning("AWQ: folding scales into %s changes the block output; group %s is not scaled.",
-                           producer, ", ".join(linears))
+            logger.warning(
+                "AWQ: folding scales into %s changes the block output; group %s is not scaled.",
+                producer,
+                ", ".join(linears),
+            )
     clip_rows = {}
     for name in trace.linear_order:
         rows = _clippable_rows(block, trace, name)
@@ -283,7 +282,7 @@ def _consumer_input_with_scaled_rows(
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(args[0] if args else kwargs["input"])
-        raise _StopForward
+        raise StopForward
 
     handles = [
         block.get_submodule(producer).register_forward_hook(scale_rows),
@@ -291,7 +290,7 @@ def _consumer_input_with_scaled_rows(
     ]
     try:
         probe.run(block)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:

@@ -149,12 +149,14 @@ def search_best_scales(
             linear.weight.copy_(original)
         return error
 
-    error_rtn = error_with(torch.ones_like(input_magnitude))
+    identity = torch.ones_like(input_magnitude)
+    error_rtn = error_with(identity)
     best = None
     for step in range(n_grid):
         alpha = step / n_grid
         scales = candidate_scales(input_magnitude, weight_mean, alpha)
-        error = error_with(scales)
+        # Without duo scaling alpha = 0 is plain RTN, already measured.
+        error = error_rtn if torch.equal(scales, identity) else error_with(scales)
         if best is None or error < best.error_awq:
             best = ScaleSearchResult(scales, alpha, error_rtn, error)
     return best
@@ -168,27 +170,28 @@ def search_best_clip(
 
     Per (output row, quantization group) tries ``max_val = max|w| * (1 - i / 20)``, ``i = 0..9``, clamps to
     ``[-max_val, max_val]``, quantizes, and keeps the first value with the lowest MSE of the group-partial dot
-    products ``sum_k x[t, k] w[o, k]`` over the tokens. All shrink steps of a batch of rows are evaluated in one
-    batched matmul, with as many rows as keep the ``[n_groups, n_tokens, 10, rows]`` products within
-    ``max_batch_elements`` floats (few large ops: a busy CPU makes every small op wait for its threads).
+    products over the tokens, ``mean_t (x_t,g . (w_g - q(w_g)))^2 = d_g G_g d_g^T / n_tokens`` with the per-group
+    input Gram matrix ``G_g = sum_t x_t,g^T x_t,g [width, width]``: the same number as AutoAWQ's token loop, at a
+    cost independent of the token count. All shrink steps of as many rows as keep ``10 * rows * in`` within
+    ``max_batch_elements`` floats are evaluated at once (few large ops: a busy CPU makes small ops wait).
     """
-    # [n_groups, n_tokens, width]: one batched matmul per group gives every group-partial product at once.
+    # [n_groups, n_tokens, width] -> per-group Gram [n_groups, width, width]
     grouped_inputs = quantizer.grouped(inputs.float()).transpose(0, 1)
-    n_groups, n_tokens, _ = grouped_inputs.shape
-    rows_per_batch = max(1, max_batch_elements // (n_groups * n_tokens * CLIP_STEPS))
+    gram = grouped_inputs.transpose(1, 2) @ grouped_inputs
+    n_groups, width = gram.shape[0], gram.shape[1]
+    rows_per_batch = max(1, max_batch_elements // (CLIP_STEPS * n_groups * width))
     shrink = 1 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=weight.device) / CLIP_GRID
     best_max = []
     for rows in weight.float().split(rows_per_batch):
         grouped = quantizer.grouped(rows)
-        n_rows, n_groups, width = grouped.shape
-        reference = torch.bmm(grouped_inputs, grouped.permute(1, 2, 0))
+        n_rows = grouped.shape[0]
         # [steps, rows, n_groups]
         max_val = grouped.abs().amax(dim=-1) * shrink[:, None, None]
         clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
         quantized = quantizer.fake(clipped.reshape(CLIP_STEPS * n_rows, -1))
-        partial = torch.bmm(grouped_inputs, quantized.reshape(-1, n_groups, width).permute(1, 2, 0))
-        partial = partial.unflatten(-1, (CLIP_STEPS, n_rows))
-        error = (partial - reference[:, :, None, :]).pow(2).mean(dim=1)
+        # [n_groups, steps * rows, width]: quantization error of every candidate, group-major for the Gram product
+        difference = (grouped.repeat(CLIP_STEPS, 1, 1) - quantized.reshape(-1, n_groups, width)).transpose(0, 1)
+        error = ((difference @ gram) * difference).sum(dim=-1).unflatten(-1, (CLIP_STEPS, n_rows))
         best_step = error.argmin(dim=1).T
         best_max.append(max_val.gather(0, best_step[None]).squeeze(0))
     return torch.cat(best_max)
