@@ -32,8 +32,10 @@ def _quanto(model, bits: int) -> None:
     from optimum.quanto import freeze, qint2, qint4, qint8, quantize
 
     weights = {2: qint2, 4: qint4, 8: qint8}[bits]
-    quantize(model, weights=weights, exclude=["lm_head"])
-    freeze(model)
+    # quanto's weight tensors only work under inference_mode (our perplexity's mode) when created there.
+    with torch.inference_mode():
+        quantize(model, weights=weights, exclude=["lm_head"])
+        freeze(model)
 
 
 def _variants(bits_list: list[int], group_size: int, calibration: dict):
@@ -60,20 +62,19 @@ def run_model(name: str, args) -> list[dict]:
         start = time.perf_counter()
         try:
             if apply is not None:
-                with torch.no_grad():
-                    apply(model, tokenizer)
+                apply(model, tokenizer)
+            seconds = time.perf_counter() - start
+            row = {
+                "model": name,
+                "variant": variant,
+                "quantize_s": seconds,
+                "wiki_ppl": _ppl(model, tokenizer, "wiki", args.eval_docs),
+                "news_ppl": _ppl(model, tokenizer, "news", args.eval_docs * 4),
+            }
         except Exception as error:  # a peer that cannot handle this model is reported, not fatal
             rows.append({"model": name, "variant": variant, "error": f"{type(error).__name__}: {error}"})
             print(f"{name:<20}{variant:<16} failed: {error}", flush=True)
             continue
-        seconds = time.perf_counter() - start
-        row = {
-            "model": name,
-            "variant": variant,
-            "quantize_s": seconds,
-            "wiki_ppl": _ppl(model, tokenizer, "wiki", args.eval_docs),
-            "news_ppl": _ppl(model, tokenizer, "news", args.eval_docs * 4),
-        }
         rows.append(row)
         print(f"{name:<20}{variant:<16} wiki {row['wiki_ppl']:8.3f}  news {row['news_ppl']:8.3f}  "
               f"({seconds:.0f} s to quantize)", flush=True)
