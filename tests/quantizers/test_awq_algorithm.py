@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from hf_plugins.quantizers.awq.algorithm import apply_awq
-from hf_plugins.quantizers.awq.calibration import ModuleInputs, capture_block_inputs, find_decoder_blocks, propagate
+from hf_plugins.quantizers.awq.calibration import (
+    ModuleInputs,
+    capture_block_inputs,
+    find_decoder_blocks,
+    group_gram,
+    propagate,
+)
 from hf_plugins.quantizers.awq.int_quant import fake_quantize
 from hf_plugins.quantizers.awq.scaling_groups import discover_block_layout, fold_scales
 from hf_plugins.quantizers.awq.search import (
@@ -18,14 +24,16 @@ from hf_plugins.quantizers.awq.search import (
     ReplayError,
     WeightQuantizer,
     apply_clip,
+    scaled_group_gram,
     search_best_clip,
+    search_best_scales,
 )
 from tests.quantizers.tiny_models import TINY_ARCHS, random_token_ids, tiny_model
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
 N_SAMPLES, SEQ_LEN = 16, 64
 
-_ATTENTION_GQA = {
+_QKV = {
     ("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
 }
 _MLP = {
@@ -37,12 +45,13 @@ _GEMMA_ATTENTION = {
     ("input_layernorm", "offset_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
 }
 _GEMMA_UP_DOWN = {("mlp.up_proj", "linear", ("mlp.down_proj",), "mlp.down_proj")}
+# Under GQA / MQA (llama, qwen2, gemma, gemma2) o_proj's input channels are tied per kv head: still v -> o.
 
 # (producer, fold kind, linears, inspected module) per block, written by hand: the code must find them unaided.
 EXPECTED_GROUPS = {
-    "llama": _ATTENTION_GQA | _MLP,
-    "qwen2": _ATTENTION_GQA | _MLP,
-    "mistral": _ATTENTION_GQA | _VALUE_TO_OUTPUT | _MLP,
+    "llama": _QKV | _VALUE_TO_OUTPUT | _MLP,
+    "qwen2": _QKV | _VALUE_TO_OUTPUT | _MLP,
+    "mistral": _QKV | _VALUE_TO_OUTPUT | _MLP,
     "phi3": {
         ("input_layernorm", "norm", ("self_attn.qkv_proj",), "self_attn"),
         ("self_attn.qkv_proj[128:192]", "linear", ("self_attn.o_proj",), "self_attn.o_proj"),
@@ -50,9 +59,11 @@ EXPECTED_GROUPS = {
         ("mlp.gate_up_proj[128:256]", "linear", ("mlp.down_proj",), "mlp.down_proj"),
     },
     "gemma": _GEMMA_ATTENTION
+    | _VALUE_TO_OUTPUT
     | {("post_attention_layernorm", "offset_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")}
     | _GEMMA_UP_DOWN,
     "gemma2": _GEMMA_ATTENTION
+    | _VALUE_TO_OUTPUT
     | {("pre_feedforward_layernorm", "offset_norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")}
     | _GEMMA_UP_DOWN,
 }
@@ -163,6 +174,49 @@ def test_awq_has_lower_logit_error_than_rtn(arch, bits):
     assert awq_error < 0.9 * rtn_error
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_gqa_output_projection_channels_are_tied_to_value_rows(arch):
+    """o_proj input channel (head h, dim d) is a copy of v_proj row (kv head h // n_rep, dim d); the found map must
+    say exactly that, and the searched scales must be equal across each tie so they fold into one v row."""
+    model, _ = tiny_model(arch)
+    config = model.config
+    n_rep = config.num_attention_heads // config.num_key_value_heads
+    head_dim = config.head_dim
+    expected_map = tuple(
+        (head // n_rep) * head_dim + dim for head in range(config.num_attention_heads) for dim in range(head_dim)
+    )
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    for _, layout in _block_layouts(model, ids):
+        (value_to_output,) = [group for group in layout.groups if group.linears == ("self_attn.o_proj",)]
+        assert value_to_output.producer.channel_map == expected_map
+        values = torch.arange(len(expected_map), dtype=torch.float32)
+        tied = value_to_output.producer.tie(values)
+        assert torch.equal(tied.reshape(config.num_attention_heads, head_dim)[::n_rep],
+                           values.reshape(-1, n_rep, head_dim).mean(1))
+        assert torch.equal(value_to_output.producer.channel_scales(tied), tied)
+
+
+def test_gqa_searched_scales_are_tied_and_beat_rtn():
+    model, _ = tiny_model("llama")
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    block, layout = _block_layouts(model, ids)[0]
+    (group,) = [group for group in layout.groups if group.linears == ("self_attn.o_proj",)]
+    o_proj = block.get_submodule("self_attn.o_proj")
+    inputs = torch.randn(500, o_proj.in_features, generator=torch.Generator().manual_seed(0))
+    inputs[:, 5] *= 20  # one salient channel: its tie partners must follow it
+    result = search_best_scales(
+        GramError(o_proj, inputs.T @ inputs, inputs.shape[0]), [o_proj], [True], inputs.abs().mean(0),
+        WeightQuantizer(bits=4, group_size=32), n_grid=20, duo_scaling=True, tie=group.producer.tie,
+    )
+    assert result.best_alpha > 0 and result.error_awq < result.error_rtn
+    assert torch.allclose(group.producer.tie(result.scales), result.scales, rtol=1e-6)
+
+    report = apply_awq(model, ids, bits=4, group_size=32, clip=False, progress=False)
+    o_proj_groups = [g for block in report.blocks for g in block.groups if g.linears == ("self_attn.o_proj",)]
+    assert len(o_proj_groups) == 2
+    assert all(g.error_awq < g.error_rtn for g in o_proj_groups)
+
+
 def test_partial_last_group_and_per_channel_run():
     model, _ = tiny_model("llama")
     ids = random_token_ids(4, SEQ_LEN)
@@ -231,7 +285,7 @@ def test_clip_search_never_increases_the_partial_product_error():
     weight[:, 3] *= 6  # an outlier column makes clipping pay off
     inputs = torch.randn(300, 80, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
-    max_val = search_best_clip(weight, inputs, quantizer, max_batch_elements=3 * 300 * 10 * 16)
+    max_val = search_best_clip(weight, group_gram(inputs, 32), quantizer, max_batch_elements=3 * 80 * 10)
     assert max_val.shape == (40, 3)
     clipped = weight.clone()
     assert apply_clip(clipped, max_val, quantizer) > 0
@@ -265,7 +319,46 @@ def test_clip_search_matches_the_token_loop():
     inputs = torch.randn(300, 80, generator=generator)
     inputs[:, 5] *= 10
     quantizer = WeightQuantizer(bits=4, group_size=32)
-    assert torch.equal(search_best_clip(weight, inputs, quantizer), _token_loop_clip(weight, inputs, quantizer))
+    expected = _token_loop_clip(weight, inputs, quantizer)
+    assert torch.equal(search_best_clip(weight, group_gram(inputs, 32), quantizer), expected)
+
+
+def test_scaled_group_gram_equals_gram_of_scaled_inputs():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(50, 80, generator=generator)
+    scales = torch.rand(80, generator=generator) * 3 + 0.2
+    quantizer = WeightQuantizer(bits=4, group_size=32)
+    expected = group_gram(inputs / scales, 32)
+    assert expected.shape == (3, 32, 32)
+    assert torch.allclose(scaled_group_gram(group_gram(inputs, 32), scales, quantizer), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized_inputs", [True, False], ids=["quantized", "float"])
+def test_next_block_is_calibrated_on_quantized_or_float_outputs(quantized_inputs):
+    model, _ = tiny_model("llama")
+    float_model = copy.deepcopy(model)
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    _, blocks = find_decoder_blocks(model)
+    seen = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if args[0].shape[0] == 4 and not seen:  # the first calibration mini-batch, not the 1-sample probe
+            seen.append(args[0].clone())
+
+    handle = blocks[1].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        apply_awq(model, ids, bits=3, group_size=32, batch_size=4, quantized_inputs=quantized_inputs,
+                  progress=False)
+    finally:
+        handle.remove()
+    first_call = capture_block_inputs(model, blocks[0], ids[:4], batch_size=4)[0]
+    float_block = find_decoder_blocks(float_model)[1][0]
+    _rtn_quantize(model, 3, group_size=32)
+    with torch.inference_mode():
+        float_output = first_call.run(float_block)
+        expected = first_call.run(blocks[0]) if quantized_inputs else float_output
+    assert max_rel_error(seen[0], expected) <= FLOAT_KERNEL_RTOL[torch.float32]
+    assert (max_rel_error(seen[0], float_output) > 1e-3) == quantized_inputs
 
 
 def test_gram_error_equals_replayed_linear_error():

@@ -29,7 +29,15 @@ from .calibration import (
     propagate,
 )
 from .scaling_groups import BlockLayout, ScalingGroup, discover_block_layout, fold_scales
-from .search import GramError, ReplayError, WeightQuantizer, apply_clip, search_best_clip, search_best_scales
+from .search import (
+    GramError,
+    ReplayError,
+    WeightQuantizer,
+    apply_clip,
+    scaled_group_gram,
+    search_best_clip,
+    search_best_scales,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ class GroupReport:
 class BlockReport:
     """What AWQ did to one decoder block (names are relative to the block).
 
-    - ``unscaled``: linears without a foldable producer (e.g. ``o_proj`` under GQA); they are only clipped.
+    - ``unscaled``: linears without a foldable producer; they are only clipped.
     - ``clipped``: linear (``name[start:stop]`` when only those rows may be clipped, e.g. a fused qkv's v rows)
       -> number of ``(row, group)`` ranges whose max was shrunk.
     - ``clip_skipped``: linears not clipped because their outputs feed attention scores (q, k) or are not
@@ -126,7 +134,7 @@ class _Settings:
     n_grid: int
     duo_scaling: bool
     clip: bool
-    clip_tokens: int
+    quantized_inputs: bool
     modules_to_not_convert: tuple[str, ...]
 
     def converts(self, full_name: str) -> bool:
@@ -144,7 +152,7 @@ def apply_awq(
     n_grid: int = 20,
     duo_scaling: bool = True,
     clip: bool = True,
-    clip_tokens: int = 512,
+    quantized_inputs: bool = True,
     batch_size: int = 8,
     progress: bool = True,
 ) -> AwqReport:
@@ -158,22 +166,25 @@ def apply_awq(
         scale_search: run the activation-aware scale search (off: only the clipping search runs).
         n_grid: scale candidates ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}``.
         duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
-        clip: run the weight-clipping search after scaling.
-        clip_tokens: how many evenly spaced calibration tokens the clip search uses.
+        clip: run the weight-clipping search after scaling (on every calibration token, through per-group Gram
+            matrices; AutoAWQ samples 512 tokens).
+        quantized_inputs: calibrate each block on the outputs of the blocks before it *as quantized* (what it
+            sees at inference; the float reference of its search is the float block on those inputs) instead of
+            the float model's outputs (llm-awq / AutoAWQ).
         batch_size: samples per forward when running blocks (bounds the per-forward activation memory).
         progress: show a progress bar over blocks.
 
     Returns:
         An :class:`AwqReport`. The model is in its original train/eval mode again.
     """
-    _validate(calibration_ids, bits, group_size, n_grid, clip_tokens, batch_size)
+    _validate(calibration_ids, bits, group_size, n_grid, batch_size)
     settings = _Settings(
         WeightQuantizer(bits, group_size),
         scale_search,
         n_grid,
         duo_scaling,
         clip,
-        clip_tokens,
+        quantized_inputs,
         tuple(modules_to_not_convert),
     )
     blocks_name, blocks = find_decoder_blocks(model)
@@ -210,7 +221,7 @@ class _Stopwatch:
 def _transform_block(
     block: nn.Module, name: str, calls: list[BlockCall], probe: list[BlockCall], settings: _Settings
 ) -> tuple[BlockReport, list[BlockCall], list[BlockCall]]:
-    """Search, fold and clip one block; returns its report and the (float) next-block inputs and probe."""
+    """Search, fold and clip one block; returns its report, the next block's inputs and the (float) probe."""
     stopwatch = _Stopwatch()
     layout = discover_block_layout(block, probe[0])
     quantized = {linear: settings.converts(f"{name}.{linear}") for names in layout.input_sets for linear in names}
@@ -227,7 +238,7 @@ def _transform_block(
         replay_modules={group.inspect for group in groups if group.inspect not in gram_scored},
         input_linears=[names[0] for names in layout.input_sets],
         gram_linears=gram_scored,
-        n_sample_tokens=settings.clip_tokens,
+        group_size=settings.quantizer.group_size if settings.clip else None,
     )
     next_probe = propagate(block, probe)
     held = held_bytes(calls, activations)
@@ -237,8 +248,13 @@ def _transform_block(
     activations.replay_inputs.clear()
     stopwatch.lap("scale_search")
 
-    clipped = _clip_block(block, layout, quantized, activations.token_samples, input_scales, settings)
+    clipped = _clip_block(block, layout, quantized, activations.group_gram, input_scales, settings)
     stopwatch.lap("clip_search")
+
+    next_calls = activations.outputs
+    if settings.quantized_inputs:
+        next_calls = _quantized_block_outputs(block, calls, quantized, settings.quantizer)
+        stopwatch.lap("propagate")
 
     block_report = BlockReport(
         name=name,
@@ -251,7 +267,7 @@ def _transform_block(
         held_bytes=held,
         seconds=stopwatch.laps,
     )
-    return block_report, activations.outputs, next_probe
+    return block_report, next_calls, next_probe
 
 
 def _search_and_fold_scales(
@@ -280,6 +296,7 @@ def _search_and_fold_scales(
             settings.quantizer,
             settings.n_grid,
             settings.duo_scaling,
+            tie=group.producer.tie,
         )
         results.append(result)
         reports.append(
@@ -291,7 +308,7 @@ def _search_and_fold_scales(
     input_scales = {}
     for group, result in zip(groups, results):
         fold_scales(block, group, result.scales)
-        input_scales.update({linear: result.scales for linear in group.linears})
+        input_scales.update({linear: group.producer.channel_scales(result.scales) for linear in group.linears})
     return reports, input_scales
 
 
@@ -299,7 +316,7 @@ def _clip_block(
     block: nn.Module,
     layout: BlockLayout,
     quantized: dict[str, bool],
-    token_samples: dict[str, torch.Tensor],
+    group_gram: dict[str, torch.Tensor],
     input_scales: dict[str, torch.Tensor],
     settings: _Settings,
 ) -> dict[str, int]:
@@ -312,15 +329,31 @@ def _clip_block(
             if not quantized[linear] or linear not in layout.clip_rows:
                 continue
             # The weights now hold W * s, so the matching inputs are x / s.
-            inputs = token_samples[names[0]]
+            gram = group_gram[names[0]]
             if linear in input_scales:
-                inputs = inputs / input_scales[linear]
+                gram = scaled_group_gram(gram, input_scales[linear], settings.quantizer)
             rows = layout.clip_rows[linear]
             weight = block.get_submodule(linear).weight.detach()[rows]
-            max_val = search_best_clip(weight, inputs, settings.quantizer)
+            max_val = search_best_clip(weight, gram, settings.quantizer)
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
             clipped[label] = apply_clip(weight, max_val, settings.quantizer)
     return clipped
+
+
+def _quantized_block_outputs(
+    block: nn.Module, calls: list[BlockCall], quantized: dict[str, bool], quantizer: WeightQuantizer
+) -> list[BlockCall]:
+    """The block's outputs with its quantized linears rounded as the packer will round them (weights restored
+    after)."""
+    linears = [block.get_submodule(name) for name, converts in quantized.items() if converts]
+    originals = [linear.weight.detach().clone() for linear in linears]
+    try:
+        for linear in linears:
+            linear.weight.copy_(quantizer.fake(linear.weight))
+        return propagate(block, calls)
+    finally:
+        for linear, original in zip(linears, originals):
+            linear.weight.copy_(original)
 
 
 def _log_block(block: BlockReport) -> None:
@@ -337,9 +370,7 @@ def _log_block(block: BlockReport) -> None:
     )
 
 
-def _validate(
-    calibration_ids: torch.Tensor, bits: int, group_size: int, n_grid: int, clip_tokens: int, batch_size: int
-) -> None:
+def _validate(calibration_ids: torch.Tensor, bits: int, group_size: int, n_grid: int, batch_size: int) -> None:
     is_tensor = isinstance(calibration_ids, torch.Tensor)
     if not is_tensor or calibration_ids.dim() != 2 or calibration_ids.is_floating_point():
         shape = tuple(calibration_ids.shape) if is_tensor else type(calibration_ids)
@@ -353,6 +384,6 @@ def _validate(
         raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}; AWQ is usually run with bits=4.")
     if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
         raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size!r}.")
-    for name, value in (("n_grid", n_grid), ("clip_tokens", clip_tokens), ("batch_size", batch_size)):
+    for name, value in (("n_grid", n_grid), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")

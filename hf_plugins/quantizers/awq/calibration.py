@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .int_quant import group_columns
+
 
 class StopForward(Exception):
     """Raised from a hook once the wanted activation is captured, so the rest of the forward is skipped."""
@@ -55,16 +57,17 @@ class BlockActivations:
 
     - ``replay_inputs``: inspected module name -> its inputs, one :class:`ModuleInputs` per mini-batch.
     - ``input_abs_mean``: linear name -> ``[in_features]`` mean ``|x|`` of its input over all calibration tokens.
-    - ``token_samples``: linear name -> ``[n_samples, in_features]`` evenly subsampled input tokens (clip search).
     - ``input_gram``: linear name -> ``[in_features, in_features]`` ``sum_t x_t x_t^T`` over all tokens.
+    - ``group_gram``: linear name -> ``[n_groups, width, width]`` the quantization groups' diagonal blocks of that
+      Gram matrix (clip search), see :func:`group_gram`.
     - ``n_tokens``: calibration tokens seen by each linear.
     - ``outputs``: the block's outputs as the next block's inputs (computed before the block is modified).
     """
 
     replay_inputs: dict[str, list[ModuleInputs]] = field(default_factory=dict)
     input_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
-    token_samples: dict[str, torch.Tensor] = field(default_factory=dict)
     input_gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_gram: dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     outputs: list[BlockCall] = field(default_factory=list)
 
@@ -135,17 +138,24 @@ def propagate(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
     return [call.with_hidden_states(call.run(block)) for call in calls]
 
 
-class _InputStatistics:
-    """Forward pre-hook: running ``sum |x|`` per input channel, an every-``step``-th token sample and, when asked,
-    the Gram matrix ``sum_t x_t x_t^T``."""
+def group_gram(tokens: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``sum_t x_t,g^T x_t,g [n_groups, width, width]`` of ``tokens [n_tokens, in_features]`` split into quantization
+    groups along ``in`` (a partial last group is zero-padded); fp32."""
+    grouped = group_columns(tokens.float(), group_size).transpose(0, 1)
+    return grouped.transpose(1, 2) @ grouped
 
-    def __init__(self, step: int, with_gram: bool):
-        self.step = step
+
+class _InputStatistics:
+    """Forward pre-hook: running ``sum |x|`` per input channel and, when asked, the Gram matrix ``sum_t x_t x_t^T``
+    and the per-quantization-group Gram matrices (``group_size``), over every token."""
+
+    def __init__(self, with_gram: bool, group_size: int | None):
         self.abs_sum: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
+        self.group_gram: torch.Tensor | None = None
         self.with_gram = with_gram
+        self.group_size = group_size
         self.n_tokens = 0
-        self.samples: list[torch.Tensor] = []
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens = (args[0] if args else kwargs["input"]).reshape(-1, module.in_features)
@@ -154,8 +164,9 @@ class _InputStatistics:
         if self.with_gram:
             batch_gram = tokens.T.float() @ tokens.float()
             self.gram = batch_gram if self.gram is None else self.gram + batch_gram
-        # Global token index t is kept when t % step == 0; clone so the view does not pin the whole mini-batch.
-        self.samples.append(tokens[(-self.n_tokens) % self.step :: self.step].clone())
+        if self.group_size is not None:
+            batch_group_gram = group_gram(tokens, self.group_size)
+            self.group_gram = batch_group_gram if self.group_gram is None else self.group_gram + batch_group_gram
         self.n_tokens += tokens.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
@@ -169,20 +180,19 @@ def capture_block_activations(
     replay_modules: Iterable[str],
     input_linears: Iterable[str],
     gram_linears: Iterable[str],
-    n_sample_tokens: int,
+    group_size: int | None,
 ) -> BlockActivations:
     """One hooked pass of ``block`` over all mini-batches (see :class:`BlockActivations`).
 
     ``replay_modules`` are block-relative names of modules to replay later; ``input_linears`` are block-relative
-    linear names whose input statistics and token samples are kept, ``gram_linears`` (a subset) those whose input
-    Gram matrix is kept too. Samples take every ``step``-th token of the concatenated calibration tokens
-    (``step = total // n_sample_tokens``), like AutoAWQ's clip search.
+    linear names whose input statistics are kept, ``gram_linears`` (a subset) those whose input Gram matrix is kept
+    too. With a ``group_size`` (quantization groups, ``-1``: per channel) every input linear also gets its
+    per-group Gram matrices.
     """
     activations = BlockActivations()
     activations.n_tokens = sum(call.hidden_states.shape[:-1].numel() for call in calls)
-    step = max(1, activations.n_tokens // n_sample_tokens)
     gram_linears = set(gram_linears)
-    statistics = {name: _InputStatistics(step, name in gram_linears) for name in input_linears}
+    statistics = {name: _InputStatistics(name in gram_linears, group_size) for name in input_linears}
 
     def keep_inputs(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -204,9 +214,10 @@ def capture_block_activations(
             handle.remove()
     for name, stats in statistics.items():
         activations.input_abs_mean[name] = stats.mean_abs()
-        activations.token_samples[name] = torch.cat(stats.samples)
         if stats.gram is not None:
             activations.input_gram[name] = stats.gram
+        if stats.group_gram is not None:
+            activations.group_gram[name] = stats.group_gram
     return activations
 
 

@@ -25,7 +25,7 @@ _FIELDS = (
     "n_grid",
     "duo_scaling",
     "clip",
-    "clip_tokens",
+    "quantized_inputs",
     "modules_to_not_convert",
     "format",
 )
@@ -55,8 +55,10 @@ class AwqConfig(QuantizationConfigMixin):
         n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.
         duo_scaling (`bool`): scale by ``s_x^a / s_w^(1-a)`` (AutoAWQ's default) instead of ``s_x^a``.
             Default: True.
-        clip (`bool`): AWQ's weight-clipping search. Default: True.
-        clip_tokens (`int`): calibration tokens sampled for the clipping search. Default: 512.
+        clip (`bool`): AWQ's weight-clipping search, on every calibration token. Default: True.
+        quantized_inputs (`bool`): calibrate each decoder block on the outputs of the already quantized blocks
+            before it (what it sees at inference) rather than on the float model's (llm-awq / AutoAWQ: False).
+            Default: True.
         modules_to_not_convert (`list[str] | None`): module names (or patterns) to keep in full precision; the
             output embedding is always kept. Default: None.
         format (`str`): packed layout; ``"gemm"`` is the AutoAWQ/llm-awq "GEMM" int4 layout. Default: "gemm".
@@ -77,7 +79,7 @@ class AwqConfig(QuantizationConfigMixin):
         n_grid: int = 20,
         duo_scaling: bool = True,
         clip: bool = True,
-        clip_tokens: int = 512,
+        quantized_inputs: bool = True,
         modules_to_not_convert: list[str] | None = None,
         format: str = "gemm",
         tokenizer: Any = None,
@@ -97,7 +99,7 @@ class AwqConfig(QuantizationConfigMixin):
         self.n_grid = n_grid
         self.duo_scaling = duo_scaling
         self.clip = clip
-        self.clip_tokens = clip_tokens
+        self.quantized_inputs = quantized_inputs
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.format = format
         self.tokenizer = tokenizer
@@ -113,11 +115,11 @@ class AwqConfig(QuantizationConfigMixin):
             )
         if self.format != "gemm":
             raise ValueError(f"AwqConfig.format must be 'gemm', got {self.format!r}.")
-        for name in ("calibration_samples", "calibration_seq_len", "n_grid", "clip_tokens"):
+        for name in ("calibration_samples", "calibration_seq_len", "n_grid"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AwqConfig.{name} must be a positive int, got {value!r}.")
-        for name in ("scale_search", "duo_scaling", "clip"):
+        for name in ("scale_search", "duo_scaling", "clip", "quantized_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"AwqConfig.{name} must be a bool, got {getattr(self, name)!r}.")
         _check_calibration(self.calibration)

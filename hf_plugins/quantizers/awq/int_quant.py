@@ -16,10 +16,11 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_columns(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[out, in]`` -> ``[out, groups, g]``, zero-padding a partial last group.
 
-    Zero padding leaves each group's min/max unchanged because the range is always widened to include 0.
+    Zero padding leaves each group's min/max unchanged because the range is always widened to include 0, and adds
+    nothing to any dot product.
     """
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
@@ -36,7 +37,7 @@ def compute_scales_zeros(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales (rounded to ``scale_dtype``) and integer zeros, both ``[out, ceil(in / g)]``."""
-    grouped = _grouped(weight.float(), group_size)
+    grouped = group_columns(weight.float(), group_size)
     w_max = grouped.amax(-1).clamp_min(0.0)
     w_min = grouped.amin(-1).clamp_max(0.0)
     q_max = 2**bits - 1
@@ -54,7 +55,7 @@ def quantize_groupwise(
     exactly representable in ``scale_dtype``) and ``zeros`` int32 ``[out, ceil(in / g)]``.
     """
     scales, zeros = compute_scales_zeros(weight, bits, group_size, scale_dtype)
-    grouped = _grouped(weight.float(), group_size)
+    grouped = group_columns(weight.float(), group_size)
     codes = torch.clamp(torch.round(grouped / scales[..., None]) + zeros[..., None], 0, 2**bits - 1)
     return _ungrouped(codes.to(torch.int32), weight.shape[1]), scales, zeros
 
@@ -63,7 +64,7 @@ def dequantize_groupwise(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_groupwise` up to rounding: float32 ``[out, in]``."""
-    grouped = _grouped(codes.float(), group_size)
+    grouped = group_columns(codes.float(), group_size)
     return _ungrouped((grouped - zeros[..., None].float()) * scales[..., None], codes.shape[1])
 
 

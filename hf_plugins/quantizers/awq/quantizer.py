@@ -84,7 +84,7 @@ def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=Non
             n_grid=config.n_grid,
             duo_scaling=config.duo_scaling,
             clip=config.clip,
-            clip_tokens=config.clip_tokens,
+            quantized_inputs=config.quantized_inputs,
         )
     names = linears_to_quantize(model, skip)
     for name in tqdm(names, desc=f"Packing W{config.bits} g{config.group_size}", unit="linear", leave=False):

@@ -7,11 +7,14 @@ leaves the block function unchanged:
 - a norm ``y = f(x) * w (+ b)``: ``w / s`` (and ``b / s``);
 - an offset norm ``y = f(x) * (1 + w) (+ b)`` (Gemma family): ``(1 + w) / s - 1`` (and ``b / s``);
 - a linear (or a contiguous row slice of a fused one) whose outputs reach the consumers only through per-channel
-  products, e.g. ``up -> act(gate) * up -> down``, ``v -> attention -> o`` (without GQA): rows ``W / s, b / s``.
+  products, e.g. ``up -> act(gate) * up -> down``, ``v -> attention -> o``: rows ``W / s, b / s``. Under grouped-query
+  attention one value row feeds several output-projection input channels (one per query head sharing the kv head);
+  those channels are *tied*: they must share one scale, which is then folded into that single value row. AutoAWQ
+  skips ``v -> o`` whenever the shapes differ; tying keeps it for GQA/MQA models.
 
 Every decision is checked on a short probe batch: a norm's fold kind by folding random scales and comparing the
-norm's output, a linear producer by scaling its output rows by random factors and checking that the consumer's
-input scales by exactly those factors, and every group by folding random scales into the whole block and comparing
+norm's output, a linear producer by scaling its output rows by random factors and checking that every consumer
+input channel scales by exactly the factor of one row (which row, per channel, is the channel map), and every group by folding random scales into the whole block and comparing
 the block output. A group that fails the last check is not scaled.
 
 The layout also says which output rows of each linear are safe to clip: rows whose outputs reach their attention
@@ -47,15 +50,48 @@ class ProducerKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Producer:
-    """The module whose output (``rows = (start, stop)`` of it, for a slice of a fused linear) is the group's input."""
+    """The module whose output (``rows = (start, stop)`` of it, for a slice of a fused linear) is the group's input.
+
+    ``channel_map`` (linear producers under GQA/MQA only): for each consumer input channel, the producer row (within
+    ``rows``) it is a copy of; ``None`` means channel ``c`` is row ``c``.
+    """
 
     name: str
     kind: ProducerKind
     rows: tuple[int, int] | None = None
+    channel_map: tuple[int, ...] | None = None
 
     @property
     def row_slice(self) -> slice:
         return slice(None) if self.rows is None else slice(*self.rows)
+
+    def tie(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-channel ``values [in_features]`` averaged over the channels copied from one producer row, so that
+        scales computed from them can be folded into that row. Identity without a channel map."""
+        if self.channel_map is None:
+            return values
+        index = torch.tensor(self.channel_map, device=values.device)
+        n_rows = int(index.max()) + 1
+        sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+        counts = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(
+            0, index, torch.ones_like(values)
+        )
+        return (sums / counts)[index]
+
+    def row_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The factor each producer row is divided by for consumer-channel ``scales [in_features]`` (one channel
+        per row speaks for its tied channels)."""
+        if self.channel_map is None:
+            return scales
+        index = torch.tensor(self.channel_map, device=scales.device)
+        return torch.ones(int(index.max()) + 1, dtype=scales.dtype, device=scales.device).scatter_(0, index, scales)
+
+    def channel_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """The consumer-channel scales that folding ``scales`` really applies: ``row_scales`` copied back to the
+        channels (equal to ``scales`` when they are tied)."""
+        if self.channel_map is None:
+            return scales
+        return self.row_scales(scales)[torch.tensor(self.channel_map, device=scales.device)]
 
     def __str__(self) -> str:
         return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
@@ -97,22 +133,25 @@ class BlockLayout:
 @torch.no_grad()
 def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
     """Multiply the group's linear input columns by ``scales [in_features]`` and fold ``1 / scales`` into the
-    producer, in place. The block function is unchanged up to float rounding."""
+    producer, in place. The block function is unchanged up to float rounding. With tied channels (GQA) the
+    columns get :meth:`Producer.channel_scales`, which is ``scales`` itself when they honour the ties."""
     producer = block.get_submodule(group.producer.name)
     rows = group.producer.row_slice
     weight = producer.weight
     scales = scales.to(weight.dtype)
+    producer_scales = group.producer.row_scales(scales)
     if group.producer.kind is ProducerKind.LINEAR:
-        weight[rows].div_(scales[:, None])
+        weight[rows].div_(producer_scales[:, None])
     elif group.producer.kind is ProducerKind.NORM:
-        weight.div_(scales)
+        weight.div_(producer_scales)
     else:
-        weight.copy_((1 + weight) / scales - 1)
+        weight.copy_((1 + weight) / producer_scales - 1)
     bias = getattr(producer, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias[rows].div_(scales)
+        bias[rows].div_(producer_scales)
+    column_scales = group.producer.channel_scales(scales)
     for name in group.linears:
-        block.get_submodule(name).weight.mul_(scales)
+        block.get_submodule(name).weight.mul_(column_scales)
 
 
 @dataclass
@@ -241,7 +280,8 @@ def _norm_fold_kind(module: nn.Module, call: _ModuleCall, generator: torch.Gener
 def _find_linear_producer(
     block: nn.Module, probe: BlockCall, trace: _Trace, linears: tuple[str, ...], generator: torch.Generator
 ) -> Producer | None:
-    """The rows of an earlier linear whose per-channel rescaling rescales the consumers' input identically."""
+    """The rows of an earlier linear whose per-row rescaling rescales every consumer input channel by the factor
+    of one row: channel ``c`` by row ``c`` (same width), or by the row it was copied from (GQA/MQA: fewer rows)."""
     consumer = linears[0]
     consumer_input = trace.linear_input(consumer)
     width = consumer_input.shape[-1]
@@ -250,24 +290,54 @@ def _find_linear_producer(
     for name in reversed(earlier):
         if name in linears:
             continue
-        for rows in _candidate_row_slices(block.get_submodule(name).out_features, width):
-            factors = _random_factors(width, generator).to(consumer_input)
+        out_features = block.get_submodule(name).out_features
+        for rows in _candidate_row_slices(out_features, width):
+            n_rows = len(range(out_features)[rows])
+            factors = _random_factors(n_rows, generator).to(consumer_input)
             scaled_input = _consumer_input_with_scaled_rows(block, probe, name, rows, factors, consumer)
-            if _relative_error(scaled_input, consumer_input * factors) <= _EXACT_RTOL:
+            channel_map = None
+            if n_rows != width:
+                channel_map = _match_channels(scaled_input, consumer_input, factors)
+                if channel_map is None:
+                    continue
+            expected = consumer_input * (factors if channel_map is None else factors[list(channel_map)])
+            if _relative_error(scaled_input, expected) <= _EXACT_RTOL:
                 whole = rows == slice(None)
-                return Producer(name, ProducerKind.LINEAR, None if whole else (rows.start, rows.stop))
+                return Producer(name, ProducerKind.LINEAR, None if whole else (rows.start, rows.stop), channel_map)
     return None
 
 
 def _candidate_row_slices(out_features: int, width: int) -> list[slice]:
-    """The whole linear, or each ``width``-row slice of a fused one (plus the tail slice when it is not one)."""
-    if out_features < width:
-        return []
-    slices = [slice(start, start + width) for start in range(0, out_features - width + 1, width)]
-    tail = slice(out_features - width, out_features)
-    if tail not in slices:
-        slices.append(tail)
-    return [slice(None)] if slices == [slice(0, out_features)] else slices
+    """Row ranges of a linear that may produce a ``width``-channel input: the whole linear or each ``width``-row
+    slice of a fused one (plus the tail slice), then, for tied channels, ``width / k`` rows (the whole linear or
+    its tail), widest first."""
+    slices = []
+    if out_features >= width:
+        slices = [slice(start, start + width) for start in range(0, out_features - width + 1, width)]
+        if slice(out_features - width, out_features) not in slices:
+            slices.append(slice(out_features - width, out_features))
+    for copies in range(2, width + 1):
+        n_rows = width // copies
+        if width % copies or n_rows > out_features:
+            continue
+        tail = slice(out_features - n_rows, out_features)
+        if tail not in slices:
+            slices.append(tail)
+    return [slice(None) if rows == slice(0, out_features) else rows for rows in slices]
+
+
+def _match_channels(
+    scaled_input: torch.Tensor, consumer_input: torch.Tensor, factors: torch.Tensor
+) -> tuple[int, ...] | None:
+    """For each consumer channel, the row whose factor its least-squares ratio ``scaled / original`` is nearest
+    to (the caller verifies the match exactly); ``None`` when a channel never carries signal."""
+    original = consumer_input.reshape(-1, consumer_input.shape[-1]).double()
+    scaled = scaled_input.reshape(-1, consumer_input.shape[-1]).double()
+    energy = original.pow(2).sum(0)
+    if not bool((energy > 0).all()):
+        return None
+    ratio = (scaled * original).sum(0) / energy
+    return tuple((ratio.log()[:, None] - factors.double().log()[None, :]).abs().argmin(dim=1).tolist())
 
 
 def _consumer_input_with_scaled_rows(

@@ -2,6 +2,10 @@
 
 Both searches quantize with :func:`~hf_plugins.quantizers.awq.int_quant.fake_quantize`, the very quantizer used for
 the final weights, so what the search measures is what the model gets. All math is fp32.
+
+Where the compared output is linear in the weights (a single inspected linear, the clip search's group-partial
+products), the squared error is computed from the input Gram matrix instead of replaying tokens: the same number
+(up to float rounding) at a cost that does not grow with the number of calibration tokens, so both use them all.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from torch import nn
 
 from .calibration import ModuleInputs
-from .int_quant import fake_quantize, num_groups
+from .int_quant import fake_quantize, group_columns
 
 # AutoAWQ: clip search shrinks max|w| by i/20 for i < 10, i.e. down to 0.55 of the original range.
 CLIP_GRID = 20
@@ -34,13 +38,8 @@ class WeightQuantizer:
         return in_features if self.group_size == -1 else self.group_size
 
     def grouped(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[rows, in]`` -> ``[rows, n_groups, width]``; a partial last group is zero-padded, like the quantizer
-        (zeros change neither a group's ``max|w|`` nor any dot product)."""
-        rows, in_features = weight.shape
-        width = self.group_width(in_features)
-        n_groups = num_groups(in_features, self.group_size)
-        padded = torch.nn.functional.pad(weight, (0, n_groups * width - in_features))
-        return padded.reshape(rows, n_groups, width)
+        """``[rows, in]`` -> ``[rows, n_groups, width]``; a partial last group is zero-padded, like the quantizer."""
+        return group_columns(weight, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -127,18 +126,22 @@ def search_best_scales(
     quantizer: WeightQuantizer,
     n_grid: int,
     duo_scaling: bool,
+    tie: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ScaleSearchResult:
     """Grid-search ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}`` for the group ``linears`` (sharing one input).
 
     For each candidate ``s``, every quantized linear gets ``W <- Q(W * s) / s`` and ``output_error()`` (a
     :class:`ReplayError` or :class:`GramError` of the inspected module) is measured. Weights are restored before
     returning; linears marked not ``quantized`` keep their float weights during the trials. ``input_magnitude`` is
-    ``mean |x| [in]`` over all calibration tokens.
+    ``mean |x| [in]`` over all calibration tokens. ``tie`` (e.g. :meth:`.scaling_groups.Producer.tie`) averages both statistics
+    over channels that must share a scale, so every candidate honours the ties.
     """
+    tie = tie or (lambda values: values)
     originals = [linear.weight.detach().clone() for linear in linears]
+    input_magnitude = tie(input_magnitude)
     weight_mean = None
     if duo_scaling:
-        weight_mean = weight_magnitude([w for w, flag in zip(originals, quantized) if flag], quantizer)
+        weight_mean = tie(weight_magnitude([w for w, flag in zip(originals, quantized) if flag], quantizer))
 
     def error_with(scales: torch.Tensor) -> float:
         for linear, original, flag in zip(linears, originals, quantized):
@@ -164,20 +167,20 @@ def search_best_scales(
 
 @torch.inference_mode()
 def search_best_clip(
-    weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer, max_batch_elements: int = 2**24
+    weight: torch.Tensor, group_gram: torch.Tensor, quantizer: WeightQuantizer, max_batch_elements: int = 2**24
 ) -> torch.Tensor:
-    """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for ``inputs [n_tokens, in]``.
+    """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for the per-group input Gram matrices
+    ``group_gram [n_groups, width, width]`` (``G_g = sum_t x_t,g^T x_t,g`` over the calibration tokens, see
+    :func:`~.calibration.group_gram`).
 
     Per (output row, quantization group) tries ``max_val = max|w| * (1 - i / 20)``, ``i = 0..9``, clamps to
-    ``[-max_val, max_val]``, quantizes, and keeps the first value with the lowest MSE of the group-partial dot
-    products over the tokens, ``mean_t (x_t,g . (w_g - q(w_g)))^2 = d_g G_g d_g^T / n_tokens`` with the per-group
-    input Gram matrix ``G_g = sum_t x_t,g^T x_t,g [width, width]``: the same number as AutoAWQ's token loop, at a
-    cost independent of the token count. All shrink steps of as many rows as keep ``10 * rows * in`` within
-    ``max_batch_elements`` floats are evaluated at once (few large ops: a busy CPU makes small ops wait).
+    ``[-max_val, max_val]``, quantizes, and keeps the first value with the lowest squared error of the group-partial
+    dot products over the tokens, ``sum_t (x_t,g . (w_g - q(w_g)))^2 = d_g G_g d_g^T``: AutoAWQ's token loop on
+    every calibration token (AutoAWQ samples 512) at a cost independent of their number. All shrink steps of as
+    many rows as keep ``10 * rows * in`` within ``max_batch_elements`` floats are evaluated at once (few large ops:
+    a busy CPU makes small ops wait).
     """
-    # [n_groups, n_tokens, width] -> per-group Gram [n_groups, width, width]
-    grouped_inputs = quantizer.grouped(inputs.float()).transpose(0, 1)
-    gram = grouped_inputs.transpose(1, 2) @ grouped_inputs
+    gram = group_gram.float()
     n_groups, width = gram.shape[0], gram.shape[1]
     rows_per_batch = max(1, max_batch_elements // (CLIP_STEPS * n_groups * width))
     shrink = 1 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=weight.device) / CLIP_GRID
@@ -195,6 +198,16 @@ def search_best_clip(
         best_step = error.argmin(dim=1).T
         best_max.append(max_val.gather(0, best_step[None]).squeeze(0))
     return torch.cat(best_max)
+
+
+def scaled_group_gram(group_gram: torch.Tensor, scales: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
+    """The per-group Gram matrices of the inputs ``x / scales`` from those of ``x``: ``G_g / (s_g s_g^T)``.
+
+    ``group_gram`` is ``[n_groups, width, width]``, ``scales`` ``[in_features]``; a partial last group's padding
+    stays zero.
+    """
+    inverse = quantizer.grouped((1 / scales.float())[None])[0]
+    return group_gram * inverse[:, :, None] * inverse[:, None, :]
 
 
 @torch.no_grad()
