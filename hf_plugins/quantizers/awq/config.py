@@ -49,7 +49,7 @@ class AwqConfig(QuantizationConfigMixin):
             ``from_pretrained(..., quantization_config=...)`` when ``scale_search`` or ``clip`` is on; with
             ``hf_plugins.quantize`` the data can be passed to the call instead. Default: None.
         calibration_samples (`int`): number of calibration sequences (8 x 512 tokens calibrate SmolLM2-135M
-            in under 3 minutes on 2 CPU cores; the paper uses 128). Default: 8.
+            in about 3 minutes on 2 CPU cores; the paper uses 128). Default: 8.
         calibration_seq_len (`int`): tokens per calibration sequence. Default: 512.
         scale_search (`bool`): AWQ's activation-aware per-channel scale search. Default: True.
         n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.
