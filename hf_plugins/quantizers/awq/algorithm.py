@@ -50,13 +50,13 @@ class GroupReport:
     """One scaling group: ``producer -> linears``, the module whose output was compared, and the search result.
 
     ``error_rtn`` / ``error_awq``: MSE of ``inspected``'s output with plain RTN (``s = 1``) / with the chosen
-    scales, before clipping.
+    scales, before clipping; ``best_alpha`` is None where plain RTN was best (scales left at 1).
     """
 
     producer: str
     linears: tuple[str, ...]
     inspected: str
-    best_alpha: float
+    best_alpha: float | None
     error_rtn: float
     error_awq: float
 
@@ -115,7 +115,8 @@ class AwqReport:
             for group in block.groups:
                 rows.append((
                     block.name, group.producer, ", ".join(group.linears), group.inspected,
-                    f"{group.best_alpha:.2f}", f"{group.error_rtn:.3e}", f"{group.error_awq:.3e}",
+                    "s=1" if group.best_alpha is None else f"{group.best_alpha:.2f}",
+                    f"{group.error_rtn:.3e}", f"{group.error_awq:.3e}",
                 ))
             clipped = ", ".join(f"{name} {count}" for name, count in block.clipped.items())
             notes.append(
