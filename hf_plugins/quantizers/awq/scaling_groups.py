@@ -14,8 +14,9 @@ leaves the block function unchanged:
 
 Every decision is checked on a short probe batch: a norm's fold kind by folding random scales and comparing the
 norm's output, a linear producer by scaling its output rows by random factors and checking that every consumer
-input channel scales by exactly the factor of one row (which row, per channel, is the channel map), and every group by folding random scales into the whole block and comparing
-the block output. A group that fails the last check is not scaled.
+input channel scales by exactly the factor of one row (which row, per channel, is the channel map), and every
+group by folding random scales into the whole block and comparing the block output. A group that fails the last
+check is not scaled.
 
 The layout also says which output rows of each linear are safe to clip: rows whose outputs reach their attention
 module's output affinely (values, output projection), not through the attention scores (queries, keys).
@@ -70,28 +71,30 @@ class Producer:
         scales computed from them can be folded into that row. Identity without a channel map."""
         if self.channel_map is None:
             return values
-        index = torch.tensor(self.channel_map, device=values.device)
-        n_rows = int(index.max()) + 1
-        sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, index, values)
-        counts = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(
-            0, index, torch.ones_like(values)
-        )
-        return (sums / counts)[index]
+        return self._reduce_to_rows(values, "mean")[self._index(values.device)]
 
     def row_scales(self, scales: torch.Tensor) -> torch.Tensor:
-        """The factor each producer row is divided by for consumer-channel ``scales [in_features]`` (one channel
-        per row speaks for its tied channels)."""
+        """The factor each producer row is divided by for consumer-channel ``scales [in_features]``: the largest
+        of its tied channels' scales (they are all equal when the scales honour the ties)."""
         if self.channel_map is None:
             return scales
-        index = torch.tensor(self.channel_map, device=scales.device)
-        return torch.ones(int(index.max()) + 1, dtype=scales.dtype, device=scales.device).scatter_(0, index, scales)
+        return self._reduce_to_rows(scales, "amax")
 
     def channel_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """The consumer-channel scales that folding ``scales`` really applies: ``row_scales`` copied back to the
-        channels (equal to ``scales`` when they are tied)."""
+        channels (equal to ``scales`` when they honour the ties)."""
         if self.channel_map is None:
             return scales
-        return self.row_scales(scales)[torch.tensor(self.channel_map, device=scales.device)]
+        return self.row_scales(scales)[self._index(scales.device)]
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.channel_map, device=device)
+
+    def _reduce_to_rows(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        """``values [in_features]`` reduced per producer row ``[n_rows]``; a row no channel copies gets 1."""
+        index = self._index(values.device)
+        rows = torch.ones(int(index.max()) + 1, dtype=values.dtype, device=values.device)
+        return rows.scatter_reduce(0, index, values, reduce=reduce, include_self=False)
 
     def __str__(self) -> str:
         return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
@@ -295,13 +298,11 @@ def _find_linear_producer(
             n_rows = len(range(out_features)[rows])
             factors = _random_factors(n_rows, generator).to(consumer_input)
             scaled_input = _consumer_input_with_scaled_rows(block, probe, name, rows, factors, consumer)
-            channel_map = None
-            if n_rows != width:
-                channel_map = _match_channels(scaled_input, consumer_input, factors)
-                if channel_map is None:
-                    continue
-            expected = consumer_input * (factors if channel_map is None else factors[list(channel_map)])
-            if _relative_error(scaled_input, expected) <= _EXACT_RTOL:
+            channel_map = None if n_rows == width else _match_channels(scaled_input, consumer_input, factors)
+            channel_factors = factors if channel_map is None else factors[list(channel_map)]
+            if channel_factors.shape[-1] != width:
+                continue
+            if _relative_error(scaled_input, consumer_input * channel_factors) <= _EXACT_RTOL:
                 whole = rows == slice(None)
                 return Producer(name, ProducerKind.LINEAR, None if whole else (rows.start, rows.stop), channel_map)
     return None

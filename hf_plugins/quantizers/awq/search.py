@@ -136,8 +136,8 @@ def search_best_scales(
     candidate too: with duo scaling no alpha gives ``s = 1``, and AutoAWQ then keeps its best alpha even where that
     is worse than not scaling at all (measured: a third of Qwen2.5-Coder-0.5B's groups). Weights are restored before
     returning; linears marked not ``quantized`` keep their float weights during the trials. ``input_magnitude`` is
-    ``mean |x| [in]`` over all calibration tokens. ``tie`` (e.g. :meth:`.scaling_groups.Producer.tie`) averages both statistics
-    over channels that must share a scale, so every candidate honours the ties.
+    ``mean |x| [in]`` over all calibration tokens. ``tie`` (e.g. :meth:`.scaling_groups.Producer.tie`) averages
+    both statistics over channels that must share a scale, so every candidate honours the ties.
     """
     tie = tie or (lambda values: values)
     originals = [linear.weight.detach().clone() for linear in linears]
