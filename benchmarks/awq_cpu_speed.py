@@ -51,7 +51,10 @@ def _linear_bytes(model) -> tuple[int, int]:
             tensors = [*module.buffers(recurse=False)]
             cpu_weight = module._cpu_weight
             held += sum(t.numel() * t.element_size() for t in tensors)
-            held += cpu_weight.nbytes() - cpu_weight.scales.nbytes - cpu_weight.qzeros.nbytes if cpu_weight else 0
+            if cpu_weight is not None:
+                # The prepacked form shares the scales (and kept zeros) with the module's buffers: count once.
+                shared = [cpu_weight.scales] + ([cpu_weight.qzeros] if cpu_weight.qzeros is not None else [])
+                held += cpu_weight.nbytes() - sum(t.numel() * t.element_size() for t in shared)
             bf16 += 2 * module.in_features * module.out_features
     return held, bf16
 

@@ -100,6 +100,26 @@ def test_cpu_3d_input_with_bias(kernel, x_dtype, force_kernel, poison_allocation
     assert_close_kernel(actual, expected, _compute_dtype(kernel, x_dtype))
 
 
+@pytest.mark.parametrize("scales_kind", ["bf16-exact", "fp16"])
+@pytest.mark.parametrize("rows", [1, 17], ids=lambda m: f"M{m}")
+def test_int4pack_keeps_scales_and_zeros_exact(scales_kind, rows, force_kernel):
+    """Zeros far from the kernel's 8 and inputs sharing an offset: rounding a group's scale or zero to bf16 would
+    shift all outputs alike (3-6% max relative error here); only the bf16 rounding of the outputs may remain."""
+    force_kernel("int4pack")
+    in_features, out_features, group_size = 384, 72, 128
+    zeros = torch.where(torch.rand(3, out_features) < 0.5, 0, 15).to(torch.int32)
+    codes = (zeros.repeat_interleave(group_size, 0) + torch.randint(-1, 2, (in_features, out_features))).clamp(0, 15)
+    scales = (torch.rand(3, out_features) * 0.02 + 1e-3).half()
+    if scales_kind == "bf16-exact":
+        scales = scales.bfloat16().half()
+    qweight, qzeros = pack_awq(codes.to(torch.int32)), pack_awq(zeros)
+    x = (3.0 + 0.1 * torch.randn(rows, in_features)).bfloat16().float()
+    weight = prepack(qweight, qzeros, scales, group_size)
+    assert (weight.scale_residual is None) == (scales_kind == "bf16-exact")
+    expected = awq_gemm_reference(x, qweight, qzeros, scales, group_size)
+    assert_close_kernel(awq_gemm_cpu(x, weight), expected, torch.bfloat16)
+
+
 def test_cpu_empty_batch():
     weight = prepack(*_random_awq(64, 16, 32), 32)
     assert awq_gemm_cpu(torch.randn(2, 0, 64), weight).shape == (2, 0, 16)
@@ -119,7 +139,9 @@ def test_cpu_empty_batch():
 def test_kernel_rule(capability, rows, kernel_group, expected, monkeypatch):
     monkeypatch.setattr(awq_cpu, "_cpu_capability", lambda: capability)
     empty = torch.empty(0)
-    weight = awq_cpu.CpuAwqWeight(empty, empty, torch.empty(1, 8), empty, group_size=128, kernel_group=kernel_group)
+    weight = awq_cpu.CpuAwqWeight(
+        empty, empty, None, empty, torch.empty(1, 8), None, group_size=128, kernel_group=kernel_group
+    )
     assert awq_cpu.use_int4pack(rows, weight) is expected
 
 

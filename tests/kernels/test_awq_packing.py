@@ -130,9 +130,20 @@ def test_prepack_extreme_codes_round_trip():
     [pytest.param(1536, 1536, 128, id="1536x1536-g128"), pytest.param(576, 1536, 128, id="576x1536-g128-partial")],
 )
 def test_prepacked_weight_is_at_most_30_percent_of_bf16(in_features, out_features, group_size):
-    weight = prepack(*_random_awq(in_features, out_features, group_size), group_size)
-    assert isinstance(weight, CpuAwqWeight)
+    """With the scales our quantizer writes (bf16-exact) no scale remainder is needed and the zeros are recovered."""
+    qweight, qzeros, scales = _random_awq(in_features, out_features, group_size)
+    weight = prepack(qweight, qzeros, scales.bfloat16().half(), group_size)
+    assert isinstance(weight, CpuAwqWeight) and weight.scale_residual is None and weight.qzeros is None
     assert weight.nbytes() <= 0.30 * in_features * out_features * 2
+
+
+def test_prepack_keeps_zeros_it_cannot_recover():
+    """A zero scale (e.g. a dead channel) hides its zero point in the kernel's pairs: the checkpoint's is kept."""
+    qweight, qzeros, scales = _random_awq(128, 16, 32)
+    scales[1, 3] = 0
+    weight = prepack(qweight, qzeros, scales, 32)
+    assert weight.qzeros is not None
+    assert torch.equal(unprepack(weight)[1], qzeros)
 
 
 @pytest.mark.parametrize(

@@ -36,12 +36,19 @@ def _ungrouped(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
 def compute_scales_zeros(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scales (rounded to ``scale_dtype``) and integer zeros, both ``[out, ceil(in / g)]``."""
+    """Per-group scales and integer zeros, both ``[out, ceil(in / g)]``.
+
+    Scales are rounded to values exact in both ``scale_dtype`` (the checkpoint's fp16) and bf16: the fast CPU
+    int4 kernel holds scales in bf16, so such scales keep it exact at no cost. The step moves by at most 2^-9
+    relative, and the codes are chosen for the rounded step, so nothing else changes.
+    """
     grouped = group_columns(weight.float(), group_size)
     w_max = grouped.amax(-1).clamp_min(0.0)
     w_min = grouped.amin(-1).clamp_max(0.0)
     q_max = 2**bits - 1
-    scales = ((w_max - w_min).clamp_min(1e-5) / q_max).to(scale_dtype).float()
+    step = ((w_max - w_min).clamp_min(1e-5) / q_max).to(scale_dtype)
+    # Through scale_dtype first: an fp16 subnormal rounded to bf16 stays exact in fp16 (<= 10 significant bits).
+    scales = step.to(torch.bfloat16).to(scale_dtype).float()
     zeros = torch.clamp(-torch.round(w_min / scales), 0, q_max).to(torch.int32)
     return scales, zeros
 

@@ -99,16 +99,24 @@ class AwqLinear(nn.Module):
         """``qweight`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active."""
         return unprepack(self._cpu_weight)[0] if self._cpu_weight is not None else self.qweight
 
+    def awq_qzeros(self) -> torch.Tensor:
+        """``qzeros`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active."""
+        return self._cpu_weight.awq_qzeros() if self._cpu_weight is not None else self.qzeros
+
     def _release_cpu_weight(self) -> None:
-        """Restore the AWQ ``qweight`` buffer and drop the CPU prepacked form."""
+        """Restore the AWQ ``qweight`` and ``qzeros`` buffers and drop the CPU prepacked form."""
         if self._cpu_weight is not None:
-            self.qweight = self.awq_qweight()
+            self.qweight, self.qzeros = self.awq_qweight(), self.awq_qzeros()
             self._cpu_weight = None
 
     def _cpu_prepacked(self) -> CpuAwqWeight:
+        # The prepacked form holds the codes and (exactly recoverable) zeros; the AWQ buffers are regenerated for
+        # state_dict and other devices, so no copy stays in memory.
         if self._cpu_weight is None:
             self._cpu_weight = prepack(self.qweight, self.qzeros, self.scales, self.kernel_group_size)
             self.qweight = torch.empty(0, dtype=torch.int32)
+            if self._cpu_weight.qzeros is None:
+                self.qzeros = torch.empty(0, dtype=torch.int32)
         return self._cpu_weight
 
     def _apply(self, fn, recurse=True):
@@ -122,7 +130,7 @@ class AwqLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The effective weight ``[out, in]`` in float32 (for training, tests and ``dequantize()``)."""
         if uses_awq_layout(self.bits, self.out_features):
-            codes, zeros = unpack_awq(self.awq_qweight()), unpack_awq(self.qzeros)
+            codes, zeros = unpack_awq(self.awq_qweight()), unpack_awq(self.awq_qzeros())
         else:
             codes, zeros = self.qweight.to(torch.int32), self.qzeros.to(torch.int32)
         group = self.kernel_group_size
@@ -171,4 +179,5 @@ def _state_dict_with_awq_qweight(module: AwqLinear, state_dict, prefix, local_me
     """Checkpoints always hold the AWQ layout, even while the CPU prepacked form is the one in memory."""
     if module._cpu_weight is not None:
         state_dict[prefix + "qweight"] = module.awq_qweight()
+        state_dict[prefix + "qzeros"] = module.awq_qzeros()
     return state_dict
