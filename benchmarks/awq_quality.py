@@ -113,15 +113,16 @@ def main() -> None:
     parser.add_argument("--wiki-docs", type=int, default=None, help="held-out wiki articles (default: all)")
     parser.add_argument("--news-docs", type=int, default=None, help="held-out news articles (default: all)")
     parser.add_argument("--calibration-samples", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: results/awq_quality-<date>-<machine>.json)")
     args = parser.parse_args()
     rows = [row for name in args.models for row in run_model(name, args)]
     summary = _targets(rows)
     print("\n".join(summary))
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = RESULTS / f"awq_quality-{stamp}-{machine_name()}.json"
+    path = args.out or RESULTS / f"awq_quality-{stamp}-{machine_name()}.json"
     path.write_text(json.dumps({"date": stamp, "machine": machine_name(), "threads": torch.get_num_threads(),
-                                "args": vars(args), "rows": rows, "targets": summary}, indent=2))
+                                "args": {**vars(args), "out": str(path)}, "rows": rows, "targets": summary}, indent=2))
     print(f"wrote {path}")
 
 
