@@ -267,15 +267,16 @@ def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
         empty = torch.empty(0, dtype=torch.bfloat16)
         return CpuAwqWeight(packed, empty, None, empty, scales.contiguous(), qzeros.contiguous(), group, 0)
     zeros = unpack_awq(qzeros)
-    pairs = _kernel_pairs(scales.float(), (8.0 - zeros.float()) * scales.float(), group // kernel_group)
-    pairs = pairs[: in_features // kernel_group]
+    repeat = group // kernel_group
+    # fp32 [in // kernel_group, out, 2]: each AWQ group's (scale, zero) once per kernel group, exact in fp32.
+    pairs = torch.stack((scales.float(), (8.0 - zeros.float()) * scales.float()), dim=-1)
+    pairs = pairs.repeat_interleave(repeat, dim=0)[: in_features // kernel_group]
     scales_zeros = _padded(pairs.to(torch.bfloat16), padded_out)
     residual = pairs - scales_zeros[:, :out_features].float()
     scale_residual = None
     if residual[..., 0].any():
-        scale_residual = _padded(torch.stack((residual[..., 0], torch.zeros_like(residual[..., 0])), -1), padded_out)
-        scale_residual = scale_residual.to(torch.bfloat16)
-    zero_residual = residual[:: group // kernel_group, :, 1].to(torch.bfloat16).contiguous()
+        scale_residual = _padded((residual * residual.new_tensor([1.0, 0.0])).to(torch.bfloat16), padded_out)
+    zero_residual = residual[::repeat, :, 1].to(torch.bfloat16).contiguous()
     weight = CpuAwqWeight(
         packed, scales_zeros, scale_residual, zero_residual, scales.contiguous(), None, group, kernel_group
     )
@@ -283,12 +284,6 @@ def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
         # Zeros are not recoverable (e.g. a zero scale): keep the checkpoint's.
         weight = dataclasses.replace(weight, qzeros=qzeros.contiguous())
     return weight
-
-
-def _kernel_pairs(scale: torch.Tensor, zero: torch.Tensor, repeat: int) -> torch.Tensor:
-    """fp32 ``[groups * repeat, out, 2]``: each AWQ group's ``(scale, zero)`` repeated per kernel group (the
-    caller drops the rows past a partial last group)."""
-    return torch.stack((scale, zero), dim=-1).repeat_interleave(repeat, dim=0)
 
 
 def _padded(pairs: torch.Tensor, padded_out: int) -> torch.Tensor:
