@@ -14,7 +14,6 @@ from hf_plugins.quantizers.awq.calibration import (
     ModuleInputs,
     capture_block_inputs,
     find_decoder_blocks,
-    group_gram,
     propagate,
 )
 from hf_plugins.quantizers.awq.int_quant import fake_quantize
@@ -24,7 +23,9 @@ from hf_plugins.quantizers.awq.search import (
     ReplayError,
     WeightQuantizer,
     apply_clip,
-    scaled_group_gram,
+    clamp_rows,
+    diagonal_blocks,
+    scaled_gram,
     search_best_clip,
     search_best_scales,
 )
@@ -300,13 +301,40 @@ def test_clip_search_never_increases_the_partial_product_error():
     weight[:, 3] *= 6  # an outlier column makes clipping pay off
     inputs = torch.randn(300, 80, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
-    max_val = search_best_clip(weight, group_gram(inputs, 32), quantizer, max_batch_elements=3 * 80 * 10)
+    max_val = search_best_clip(weight, inputs.T @ inputs, quantizer, max_batch_elements=3 * 80 * 10)
     assert max_val.shape == (40, 3)
     clipped = weight.clone()
-    assert apply_clip(clipped, max_val, quantizer) > 0
+    result = apply_clip(clipped, max_val, inputs.T @ inputs, quantizer)
+    assert result.ranges_shrunk > 0 and result.rows_clipped > 0
     plain_error = (inputs @ (quantizer.fake(weight) - weight).T).pow(2).mean()
     clipped_error = (inputs @ (quantizer.fake(clipped) - weight).T).pow(2).mean()
     assert clipped_error < plain_error
+
+
+def test_clip_is_kept_only_on_rows_whose_whole_output_error_drops():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 64, generator=generator)
+    # Both groups see the same inputs, so their partial-product errors add up or cancel: per-group optimal clips
+    # can make a row worse as a whole.
+    shared = torch.randn(500, 32, generator=generator)
+    inputs = torch.cat([shared, shared + 0.1 * torch.randn(500, 32, generator=generator)], dim=1)
+    gram = inputs.T @ inputs
+    quantizer = WeightQuantizer(bits=3, group_size=32)
+    max_val = search_best_clip(weight, gram, quantizer)
+    guarded = weight.clone()
+    result = apply_clip(guarded, max_val, gram, quantizer)
+
+    def row_error(candidate: torch.Tensor) -> torch.Tensor:
+        return (inputs @ (quantizer.fake(candidate) - weight).T).pow(2).sum(0)
+
+    unguarded_error = row_error(clamp_rows(weight, max_val, quantizer))
+    plain_error = row_error(weight)
+    guarded_error = row_error(guarded)
+    refused = (unguarded_error >= plain_error) & (clamp_rows(weight, max_val, quantizer) != weight).any(dim=1)
+    assert result.rows_refused == int(refused.sum()) > 0
+    assert result.rows_clipped > 0
+    assert torch.all(guarded_error <= plain_error * (1 + 1e-5))
+    assert torch.equal(guarded[refused], weight[refused])
 
 
 def _token_loop_clip(weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
@@ -335,17 +363,29 @@ def test_clip_search_matches_the_token_loop():
     inputs[:, 5] *= 10
     quantizer = WeightQuantizer(bits=4, group_size=32)
     expected = _token_loop_clip(weight, inputs, quantizer)
-    assert torch.equal(search_best_clip(weight, group_gram(inputs, 32), quantizer), expected)
+    assert torch.equal(search_best_clip(weight, inputs.T @ inputs, quantizer), expected)
 
 
-def test_scaled_group_gram_equals_gram_of_scaled_inputs():
+def test_scaled_gram_equals_gram_of_scaled_inputs():
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(50, 80, generator=generator)
     scales = torch.rand(80, generator=generator) * 3 + 0.2
-    quantizer = WeightQuantizer(bits=4, group_size=32)
-    expected = group_gram(inputs / scales, 32)
-    assert expected.shape == (3, 32, 32)
-    assert torch.allclose(scaled_group_gram(group_gram(inputs, 32), scales, quantizer), expected, rtol=1e-4, atol=1e-4)
+    expected = (inputs / scales).T @ (inputs / scales)
+    assert torch.allclose(scaled_gram(inputs.T @ inputs, scales), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_size", [32, -1], ids=["partial-last-group", "per-channel"])
+def test_diagonal_blocks_are_the_groups_own_gram_matrices(group_size):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(50, 80, generator=generator)
+    quantizer = WeightQuantizer(bits=4, group_size=group_size)
+    blocks = diagonal_blocks(inputs.T @ inputs, quantizer)
+    width = quantizer.group_width(80)
+    padded = torch.nn.functional.pad(inputs, (0, blocks.shape[0] * width - 80))
+    for index, block in enumerate(blocks):
+        columns = padded[:, index * width : (index + 1) * width]
+        assert torch.allclose(block, columns.T @ columns, rtol=1e-5, atol=1e-4)
+    assert blocks.shape == ((3, 32, 32) if group_size == 32 else (1, 80, 80))
 
 
 @pytest.mark.parametrize("quantized_inputs", [True, False], ids=["quantized", "float"])

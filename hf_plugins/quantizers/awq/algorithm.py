@@ -30,11 +30,12 @@ from .calibration import (
 )
 from .scaling_groups import BlockLayout, ScalingGroup, discover_block_layout, fold_scales
 from .search import (
+    ClipResult,
     GramError,
     ReplayError,
     WeightQuantizer,
     apply_clip,
-    scaled_group_gram,
+    scaled_gram,
     search_best_clip,
     search_best_scales,
 )
@@ -67,7 +68,7 @@ class BlockReport:
 
     - ``unscaled``: linears without a foldable producer; they are only clipped.
     - ``clipped``: linear (``name[start:stop]`` when only those rows may be clipped, e.g. a fused qkv's v rows)
-      -> number of ``(row, group)`` ranges whose max was shrunk.
+      -> what its clip did (:class:`~.search.ClipResult`).
     - ``clip_skipped``: linears not clipped because their outputs feed attention scores (q, k) or are not
       quantized.
     - ``held_bytes``: calibration activations alive while this block was processed (its inputs, outputs and
@@ -78,7 +79,7 @@ class BlockReport:
     name: str
     groups: tuple[GroupReport, ...]
     unscaled: tuple[str, ...]
-    clipped: dict[str, int]
+    clipped: dict[str, ClipResult]
     clip_skipped: tuple[str, ...]
     held_bytes: int
     seconds: dict[str, float]
@@ -118,7 +119,10 @@ class AwqReport:
                     "s=1" if group.best_alpha is None else f"{group.best_alpha:.2f}",
                     f"{group.error_rtn:.3e}", f"{group.error_awq:.3e}",
                 ))
-            clipped = ", ".join(f"{name} {count}" for name, count in block.clipped.items())
+            clipped = ", ".join(
+                f"{name} {result.ranges_shrunk} ({result.rows_refused} rows refused)"
+                for name, result in block.clipped.items()
+            )
             notes.append(
                 f"{block.name}: unscaled {', '.join(block.unscaled) or '-'}; clipped (row, group) ranges "
                 f"{clipped or '-'}; clip skipped {', '.join(block.clip_skipped) or '-'}"
@@ -168,7 +172,8 @@ def apply_awq(
         n_grid: scale candidates ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}``.
         duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
         clip: run the weight-clipping search after scaling (on every calibration token, through per-group Gram
-            matrices; AutoAWQ samples 512 tokens).
+            matrices; AutoAWQ samples 512 tokens), keeping a row's clips only where they lower its whole output
+            error (:func:`~.search.apply_clip`).
         quantized_inputs: calibrate each block on the outputs of the blocks before it *as quantized* (what it
             sees at inference; the float reference of its search is the float block on those inputs) instead of
             the float model's outputs (llm-awq / AutoAWQ).
@@ -231,15 +236,16 @@ def _transform_block(
         groups = []
     stopwatch.lap("discover")
 
-    # A group inspecting its single linear is scored from that linear's input Gram matrix (exact, cheap).
+    # A group inspecting its single linear is scored from that linear's input Gram matrix (exact, cheap); the clip
+    # search and its row check use every input's Gram matrix.
     gram_scored = {group.inspect for group in groups if group.inspect in group.linears}
+    input_linears = [names[0] for names in layout.input_sets]
     activations = capture_block_activations(
         block,
         calls,
         replay_modules={group.inspect for group in groups if group.inspect not in gram_scored},
-        input_linears=[names[0] for names in layout.input_sets],
-        gram_linears=gram_scored,
-        group_size=settings.quantizer.group_size if settings.clip else None,
+        input_linears=input_linears,
+        gram_linears=set(input_linears) if settings.clip else gram_scored,
     )
     next_probe = propagate(block, probe)
     held = held_bytes(calls, activations)
@@ -249,7 +255,7 @@ def _transform_block(
     activations.replay_inputs.clear()
     stopwatch.lap("scale_search")
 
-    clipped = _clip_block(block, layout, quantized, activations.group_gram, input_scales, settings)
+    clipped = _clip_block(block, layout, quantized, activations.input_gram, input_scales, settings)
     stopwatch.lap("clip_search")
 
     next_calls = activations.outputs
@@ -317,11 +323,11 @@ def _clip_block(
     block: nn.Module,
     layout: BlockLayout,
     quantized: dict[str, bool],
-    group_gram: dict[str, torch.Tensor],
+    input_gram: dict[str, torch.Tensor],
     input_scales: dict[str, torch.Tensor],
     settings: _Settings,
-) -> dict[str, int]:
-    """Clip every quantized linear's clippable rows; returns linear -> number of shrunk (row, group) ranges."""
+) -> dict[str, ClipResult]:
+    """Clip every quantized linear's clippable rows; returns linear -> what its clip did."""
     if not settings.clip:
         return {}
     clipped = {}
@@ -330,14 +336,14 @@ def _clip_block(
             if not quantized[linear] or linear not in layout.clip_rows:
                 continue
             # The weights now hold W * s, so the matching inputs are x / s.
-            gram = group_gram[names[0]]
+            gram = input_gram[names[0]]
             if linear in input_scales:
-                gram = scaled_group_gram(gram, input_scales[linear], settings.quantizer)
+                gram = scaled_gram(gram, input_scales[linear])
             rows = layout.clip_rows[linear]
             weight = block.get_submodule(linear).weight.detach()[rows]
             max_val = search_best_clip(weight, gram, settings.quantizer)
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
-            clipped[label] = apply_clip(weight, max_val, settings.quantizer)
+            clipped[label] = apply_clip(weight, max_val, gram, settings.quantizer)
     return clipped
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .int_quant import group_columns
 
 
 class StopForward(Exception):
@@ -57,9 +56,7 @@ class BlockActivations:
 
     - ``replay_inputs``: inspected module name -> its inputs, one :class:`ModuleInputs` per mini-batch.
     - ``input_abs_mean``: linear name -> ``[in_features]`` mean ``|x|`` of its input over all calibration tokens.
-    - ``input_gram``: linear name -> ``[in_features, in_features]`` ``sum_t x_t x_t^T`` over all tokens.
-    - ``group_gram``: linear name -> ``[n_groups, width, width]`` the quantization groups' diagonal blocks of that
-      Gram matrix (clip search), see :func:`group_gram`.
+    - ``input_gram``: linear name -> ``[in_features, in_features]`` ``sum_t x_t x_t^T`` over all tokens (fp32).
     - ``n_tokens``: calibration tokens seen by each linear.
     - ``outputs``: the block's outputs as the next block's inputs (computed before the block is modified).
     """
@@ -67,7 +64,6 @@ class BlockActivations:
     replay_inputs: dict[str, list[ModuleInputs]] = field(default_factory=dict)
     input_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)
     input_gram: dict[str, torch.Tensor] = field(default_factory=dict)
-    group_gram: dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     outputs: list[BlockCall] = field(default_factory=list)
 
@@ -138,23 +134,14 @@ def propagate(block: nn.Module, calls: list[BlockCall]) -> list[BlockCall]:
     return [call.with_hidden_states(call.run(block)) for call in calls]
 
 
-def group_gram(tokens: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``sum_t x_t,g^T x_t,g [n_groups, width, width]`` of ``tokens [n_tokens, in_features]`` split into quantization
-    groups along ``in`` (a partial last group is zero-padded); fp32."""
-    grouped = group_columns(tokens.float(), group_size).transpose(0, 1)
-    return grouped.transpose(1, 2) @ grouped
-
-
 class _InputStatistics:
     """Forward pre-hook: running ``sum |x|`` per input channel and, when asked, the Gram matrix ``sum_t x_t x_t^T``
-    and the per-quantization-group Gram matrices (``group_size``), over every token."""
+    over every token."""
 
-    def __init__(self, with_gram: bool, group_size: int | None):
+    def __init__(self, with_gram: bool):
         self.abs_sum: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
-        self.group_gram: torch.Tensor | None = None
         self.with_gram = with_gram
-        self.group_size = group_size
         self.n_tokens = 0
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -164,9 +151,6 @@ class _InputStatistics:
         if self.with_gram:
             batch_gram = tokens.T.float() @ tokens.float()
             self.gram = batch_gram if self.gram is None else self.gram + batch_gram
-        if self.group_size is not None:
-            batch_group_gram = group_gram(tokens, self.group_size)
-            self.group_gram = batch_group_gram if self.group_gram is None else self.group_gram + batch_group_gram
         self.n_tokens += tokens.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
@@ -180,19 +164,17 @@ def capture_block_activations(
     replay_modules: Iterable[str],
     input_linears: Iterable[str],
     gram_linears: Iterable[str],
-    group_size: int | None,
 ) -> BlockActivations:
     """One hooked pass of ``block`` over all mini-batches (see :class:`BlockActivations`).
 
     ``replay_modules`` are block-relative names of modules to replay later; ``input_linears`` are block-relative
     linear names whose input statistics are kept, ``gram_linears`` (a subset) those whose input Gram matrix is kept
-    too. With a ``group_size`` (quantization groups, ``-1``: per channel) every input linear also gets its
-    per-group Gram matrices.
+    too.
     """
     activations = BlockActivations()
     activations.n_tokens = sum(call.hidden_states.shape[:-1].numel() for call in calls)
     gram_linears = set(gram_linears)
-    statistics = {name: _InputStatistics(name in gram_linears, group_size) for name in input_linears}
+    statistics = {name: _InputStatistics(name in gram_linears) for name in input_linears}
 
     def keep_inputs(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -216,8 +198,6 @@ def capture_block_activations(
         activations.input_abs_mean[name] = stats.mean_abs()
         if stats.gram is not None:
             activations.input_gram[name] = stats.gram
-        if stats.group_gram is not None:
-            activations.group_gram[name] = stats.group_gram
     return activations
 
 

@@ -168,23 +168,33 @@ def search_best_scales(
     return best
 
 
+def diagonal_blocks(gram: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
+    """The quantization groups' diagonal blocks ``[n_groups, width, width]`` of ``gram [in, in]`` (fp32): ``G_g =
+    sum_t x_t,g^T x_t,g``. A partial last group is zero-padded, like the quantizer pads weights."""
+    in_features = gram.shape[0]
+    width = quantizer.group_width(in_features)
+    n_groups = -(-in_features // width)
+    padding = n_groups * width - in_features
+    padded = torch.nn.functional.pad(gram.float(), (0, padding, 0, padding))
+    return padded.reshape(n_groups, width, n_groups, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
 @torch.inference_mode()
 def search_best_clip(
-    weight: torch.Tensor, group_gram: torch.Tensor, quantizer: WeightQuantizer, max_batch_elements: int = 2**24
+    weight: torch.Tensor, gram: torch.Tensor, quantizer: WeightQuantizer, max_batch_elements: int = 2**24
 ) -> torch.Tensor:
-    """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for the per-group input Gram matrices
-    ``group_gram [n_groups, width, width]`` (``G_g = sum_t x_t,g^T x_t,g`` over the calibration tokens, see
-    :func:`~.calibration.group_gram`).
+    """Best symmetric clip ``max_val [out, n_groups]`` of ``weight [out, in]`` for the input Gram matrix
+    ``gram [in, in]`` (``sum_t x_t x_t^T`` over the calibration tokens).
 
     Per (output row, quantization group) tries ``max_val = max|w| * (1 - i / 20)``, ``i = 0..9``, clamps to
     ``[-max_val, max_val]``, quantizes, and keeps the first value with the lowest squared error of the group-partial
-    dot products over the tokens, ``sum_t (x_t,g . (w_g - q(w_g)))^2 = d_g G_g d_g^T``: AutoAWQ's token loop on
-    every calibration token (AutoAWQ samples 512) at a cost independent of their number. All shrink steps of as
-    many rows as keep ``10 * rows * in`` within ``max_batch_elements`` floats are evaluated at once (few large ops:
-    a busy CPU makes small ops wait).
+    dot products over the tokens, ``sum_t (x_t,g . (w_g - q(w_g)))^2 = d_g G_g d_g^T`` with ``G_g`` the group's
+    diagonal block of ``gram``: AutoAWQ's token loop on every calibration token (AutoAWQ samples 512) at a cost
+    independent of their number. All shrink steps of as many rows as keep ``10 * rows * in`` within
+    ``max_batch_elements`` floats are evaluated at once (few large ops: a busy CPU makes small ops wait).
     """
-    gram = group_gram.float()
-    n_groups, width = gram.shape[0], gram.shape[1]
+    group_gram = diagonal_blocks(gram, quantizer)
+    n_groups, width = group_gram.shape[0], group_gram.shape[1]
     rows_per_batch = max(1, max_batch_elements // (CLIP_STEPS * n_groups * width))
     shrink = 1 - torch.arange(CLIP_STEPS, dtype=torch.float32, device=weight.device) / CLIP_GRID
     best_max = []
@@ -197,27 +207,56 @@ def search_best_clip(
         quantized = quantizer.fake(clipped.reshape(CLIP_STEPS * n_rows, -1))
         # [n_groups, steps * rows, width]: quantization error of every candidate, group-major for the Gram product
         difference = (grouped.repeat(CLIP_STEPS, 1, 1) - quantized.reshape(-1, n_groups, width)).transpose(0, 1)
-        error = ((difference @ gram) * difference).sum(dim=-1).unflatten(-1, (CLIP_STEPS, n_rows))
+        error = ((difference @ group_gram) * difference).sum(dim=-1).unflatten(-1, (CLIP_STEPS, n_rows))
         best_step = error.argmin(dim=1).T
         best_max.append(max_val.gather(0, best_step[None]).squeeze(0))
     return torch.cat(best_max)
 
 
-def scaled_group_gram(group_gram: torch.Tensor, scales: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
-    """The per-group Gram matrices of the inputs ``x / scales`` from those of ``x``: ``G_g / (s_g s_g^T)``.
+def scaled_gram(gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix ``[in, in]`` of the inputs ``x / scales`` from that of ``x``: ``G / (s s^T)``."""
+    inverse = 1 / scales.float()
+    return gram * inverse[:, None] * inverse[None, :]
 
-    ``group_gram`` is ``[n_groups, width, width]``, ``scales`` ``[in_features]``; a partial last group's padding
-    stays zero.
-    """
-    inverse = quantizer.grouped((1 / scales.float())[None])[0]
-    return group_gram * inverse[:, :, None] * inverse[:, None, :]
+
+def clamp_rows(weight: torch.Tensor, max_val: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
+    """``weight [out, in]`` clamped to ``[-max_val, max_val]`` per ``(row, group)`` (``max_val [out, n_groups]``)."""
+    bound = max_val.repeat_interleave(quantizer.group_width(weight.shape[1]), dim=1)[:, : weight.shape[1]]
+    return torch.clamp(weight, -bound, bound)
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """What :func:`apply_clip` did: ``(row, group)`` ranges shrunk, rows clipped, and rows whose clip the full-row
+    check refused."""
+
+    ranges_shrunk: int
+    rows_clipped: int
+    rows_refused: int
 
 
 @torch.no_grad()
-def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, quantizer: WeightQuantizer) -> int:
-    """Clamp ``weight [out, in]`` in place to ``[-max_val, max_val]`` per ``(row, group)`` (``max_val`` is
-    ``[out, n_groups]``); returns how many ``(row, group)`` ranges actually shrank."""
-    shrunk = int((max_val < quantizer.grouped(weight).abs().amax(dim=-1)).sum())
-    bound = max_val.repeat_interleave(quantizer.group_width(weight.shape[1]), dim=1)[:, : weight.shape[1]]
-    weight.copy_(torch.clamp(weight, -bound, bound))
-    return shrunk
+def apply_clip(
+    weight: torch.Tensor, max_val: torch.Tensor, gram: torch.Tensor, quantizer: WeightQuantizer
+) -> ClipResult:
+    """Clamp ``weight [out, in]`` in place to ``[-max_val, max_val]`` per ``(row, group)``, keeping each row's clip
+    only where it lowers that row's whole output error ``d G d^T`` (``d = w - q(w)``, ``gram [in, in]``).
+
+    The clip search scores every group alone; a row's output is the sum of its groups' partial products, and the
+    cross-group terms it ignores can make a row's clips worse together than none (measured on Qwen2.5-Coder-0.5B:
+    perplexity 43.3 with every clip, 41.8 with this check). A refused row keeps its float weights unchanged.
+    """
+    original = weight.float()
+    clipped = clamp_rows(original, max_val, quantizer)
+    changed = (clipped != original).any(dim=1)
+    error_plain = _row_errors(original - quantizer.fake(original), gram)
+    error_clipped = _row_errors(original - quantizer.fake(clipped), gram)
+    keep = changed & (error_clipped < error_plain)
+    shrunk = (max_val < quantizer.grouped(original).abs().amax(dim=-1)) & keep[:, None]
+    weight.copy_(torch.where(keep[:, None], clipped, original))
+    return ClipResult(int(shrunk.sum()), int(keep.sum()), int((changed & ~keep).sum()))
+
+
+def _row_errors(difference: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``[out]`` squared output error of each row of ``difference [out, in]`` over the tokens of ``gram [in, in]``."""
+    return ((difference @ gram.float()) * difference).sum(dim=1)
