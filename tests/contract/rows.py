@@ -35,7 +35,7 @@ ROWS = [
             (dict(calibration="pile"), ValueError, r"AwqConfig\.calibration must be one of \['wiki', 'news', 'code'\]"),
             (dict(bitz=4), ValueError, r"AwqConfig got unknown keys \['bitz'\]"),
             (dict(n_grid=0), ValueError, r"AwqConfig\.n_grid must be a positive int, got 0"),
-            (dict(clip="yes"), TypeError, r"AwqConfig\.clip must be a bool, got 'yes'"),
+            (dict(clip="yes"), ValueError, r"AwqConfig\.clip must be True, False or 'auto', got 'yes'"),
         ],
     ),
 ]

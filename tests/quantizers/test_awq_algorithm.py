@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from hf_plugins.quantizers.awq.algorithm import apply_awq
+import torch.nn.functional as F
+
+import hf_plugins
+from hf_plugins.quantizers.awq import algorithm
+from hf_plugins.quantizers.awq.algorithm import ClipChanges, apply_awq
 from hf_plugins.quantizers.awq.calibration import (
     ModuleInputs,
     capture_block_inputs,
@@ -446,3 +450,64 @@ def test_bad_arguments_raise_value_error(kwargs, message):
     ids = arguments.pop("calibration_ids")
     with pytest.raises(ValueError, match=message):
         apply_awq(model, ids, **arguments)
+
+
+def test_clip_changes_undo_and_redo_exactly():
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    before = weight.flatten().clone()
+    weight.view(-1)[[3, 17, 41]] = torch.tensor([0.5, -0.25, 0.125])
+    clipped = weight.clone()
+    changes = ClipChanges()
+    changes.record(weight.view(-1), before)
+    changes.undo()
+    assert torch.equal(weight.flatten(), before)
+    changes.redo()
+    assert torch.equal(weight, clipped)
+
+
+@pytest.mark.parametrize("clips_win", [True, False], ids=["kept", "undone"])
+def test_auto_clip_keeps_the_clips_only_when_the_validation_loss_drops(clips_win, monkeypatch):
+    model, _ = tiny_model("llama")
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    # Float block inputs: the clips do not steer later blocks' searches, so "undone" must equal clip=False exactly.
+    expected = copy.deepcopy(model)
+    apply_awq(expected, ids, bits=4, group_size=32, clip=clips_win, quantized_inputs=False, progress=False)
+    losses = iter([1.0, 2.0] if clips_win else [2.0, 1.0])
+    monkeypatch.setattr(algorithm, "_quantized_nll", lambda *args: (next(losses), 5))
+    report = apply_awq(
+        model, ids, bits=4, group_size=32, clip="auto", validation_ids=random_token_ids(2, SEQ_LEN, seed=1),
+        quantized_inputs=False, progress=False,
+    )
+    assert report.clip_validation.kept is clips_win
+    assert ("clip kept" if clips_win else "clip undone") in str(report)
+    for (name, actual), (_, wanted) in zip(model.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(actual, wanted), name
+
+
+def test_validation_loss_is_the_quantized_models_next_token_loss():
+    model, _ = tiny_model("qwen2")
+    ids = random_token_ids(2, 24, seed=3)
+    quantizer = WeightQuantizer(bits=3, group_size=32)
+    reference = copy.deepcopy(model)
+    linears = [module for module in find_decoder_blocks(model)[1].modules() if isinstance(module, nn.Linear)]
+    nll, n_tokens = algorithm._quantized_nll(model, ids, linears, quantizer)
+    with torch.no_grad():
+        for module in find_decoder_blocks(reference)[1].modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(quantizer.fake(module.weight))
+    logits = reference(ids).logits[:, :-1]
+    expected = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    float_nll = F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert n_tokens == 2 * 23
+    assert abs(nll - expected) < 1e-5 * expected
+    assert abs(float_nll - expected) > 1e-3 * expected, "3-bit weights must change the loss"
+
+
+def test_quantize_holds_out_validation_text_for_auto_clip():
+    from tests.contract.char_tokenizer import CALIBRATION_TEXTS, char_tokenizer
+
+    model, _ = tiny_model("qwen2")
+    config = hf_plugins.AwqConfig(bits=4, group_size=32, calibration_samples=3, calibration_seq_len=32)
+    report = hf_plugins.quantize(model, config, calibration_data=CALIBRATION_TEXTS, tokenizer=char_tokenizer())
+    assert report.n_samples == 3
+    assert report.clip_validation.n_tokens == 4 * 31

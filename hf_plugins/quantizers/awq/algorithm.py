@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -85,6 +86,20 @@ class BlockReport:
     seconds: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ClipValidation:
+    """The ``clip="auto"`` decision: mean next-token NLL of the quantized model on validation tokens (calibration
+    text the searches never saw) with every clip and with none; the clips stay only if they lower it."""
+
+    nll_clipped: float
+    nll_unclipped: float
+    n_tokens: int
+
+    @property
+    def kept(self) -> bool:
+        return self.nll_clipped < self.nll_unclipped
+
+
 @dataclass
 class AwqReport:
     """Per-block record of an :func:`apply_awq` run; ``print(report)`` shows a table."""
@@ -94,6 +109,7 @@ class AwqReport:
     n_samples: int
     seq_len: int
     blocks: list[BlockReport] = field(default_factory=list)
+    clip_validation: ClipValidation | None = None
     seconds: float = 0.0
 
     def phase_seconds(self) -> dict[str, float]:
@@ -110,6 +126,12 @@ class AwqReport:
             f"AWQ W{self.bits} g{self.group_size}: {len(self.blocks)} blocks, calibration {self.n_samples}x"
             f"{self.seq_len} tokens, {self.seconds:.1f} s ({phases}), peak activations {peak_mib:.0f} MiB"
         )
+        if self.clip_validation is not None:
+            check = self.clip_validation
+            header += (
+                f"\nclip {'kept' if check.kept else 'undone'}: validation NLL {check.nll_clipped:.4f} with the clips, "
+                f"{check.nll_unclipped:.4f} without ({check.n_tokens} tokens)"
+            )
         rows = [("block", "producer", "linears", "inspected", "alpha", "mse rtn", "mse awq")]
         notes = []
         for block in self.blocks:
@@ -156,8 +178,9 @@ def apply_awq(
     scale_search: bool = True,
     n_grid: int = 20,
     duo_scaling: bool = True,
-    clip: bool = True,
+    clip: bool | str = True,
     quantized_inputs: bool = True,
+    validation_ids: torch.LongTensor | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> AwqReport:
@@ -173,10 +196,14 @@ def apply_awq(
         duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
         clip: run the weight-clipping search after scaling (on every calibration token, through per-group Gram
             matrices; AutoAWQ samples 512 tokens), keeping a row's clips only where they lower its whole output
-            error (:func:`~.search.apply_clip`).
+            error (:func:`~.search.apply_clip`). ``"auto"``: then keep the clips only if they lower the quantized
+            model's next-token NLL on ``validation_ids`` (see :class:`ClipValidation`); without validation ids
+            they are kept.
         quantized_inputs: calibrate each block on the outputs of the blocks before it *as quantized* (what it
             sees at inference; the float reference of its search is the float block on those inputs) instead of
             the float model's outputs (llm-awq / AutoAWQ).
+        validation_ids: ``[n_validation, seq_len]`` tokens for ``clip="auto"``, disjoint from
+            ``calibration_ids``.
         batch_size: samples per forward when running blocks (bounds the per-forward activation memory).
         progress: show a progress bar over blocks.
 
@@ -184,12 +211,14 @@ def apply_awq(
         An :class:`AwqReport`. The model is in its original train/eval mode again.
     """
     _validate(calibration_ids, bits, group_size, n_grid, batch_size)
+    if clip not in (True, False, "auto"):
+        raise ValueError(f"clip must be True, False or 'auto', got {clip!r}.")
     settings = _Settings(
         WeightQuantizer(bits, group_size),
         scale_search,
         n_grid,
         duo_scaling,
-        clip,
+        bool(clip),
         quantized_inputs,
         tuple(modules_to_not_convert),
     )
@@ -202,10 +231,22 @@ def apply_awq(
         device = next(blocks[0].parameters()).device
         calls = capture_block_inputs(model, blocks[0], calibration_ids.to(device), batch_size)
         probe = capture_block_inputs(model, blocks[0], calibration_ids[:1, :PROBE_TOKENS].to(device), 1)
+        clips = ClipChanges()
         for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=not progress)):
-            block_report, calls, probe = _transform_block(block, f"{blocks_name}.{index}", calls, probe, settings)
+            block_report, calls, probe = _transform_block(
+                block, f"{blocks_name}.{index}", calls, probe, settings, clips
+            )
             report.blocks.append(block_report)
             _log_block(block_report)
+        del calls, probe
+        if clip == "auto" and validation_ids is not None and clips:
+            linears = [
+                module
+                for index, block in enumerate(blocks)
+                for name, module in block.named_modules()
+                if isinstance(module, nn.Linear) and settings.converts(f"{blocks_name}.{index}.{name}")
+            ]
+            report.clip_validation = _validate_clips(model, validation_ids.to(device), linears, clips, settings)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start
@@ -223,11 +264,44 @@ class _Stopwatch:
         self._last = now
 
 
+class ClipChanges:
+    """The weight entries the clips changed, ``(flat weight view, flat indices, values before, values after)`` per
+    clipped linear: few entries (only those beyond a clip bound), so the clips can be undone and redone cheaply."""
+
+    def __init__(self) -> None:
+        self._changes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._changes)
+
+    def record(self, flat_weight: torch.Tensor, before: torch.Tensor) -> None:
+        """``flat_weight`` (a view of the weight, already clipped) against its ``before`` values."""
+        index = (flat_weight != before).nonzero().squeeze(1)
+        if index.numel():
+            self._changes.append((flat_weight, index, before[index], flat_weight[index].clone()))
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        for flat_weight, index, before, _ in self._changes:
+            flat_weight[index] = before
+
+    @torch.no_grad()
+    def redo(self) -> None:
+        for flat_weight, index, _, after in self._changes:
+            flat_weight[index] = after
+
+
 @torch.inference_mode()
 def _transform_block(
-    block: nn.Module, name: str, calls: list[BlockCall], probe: list[BlockCall], settings: _Settings
+    block: nn.Module,
+    name: str,
+    calls: list[BlockCall],
+    probe: list[BlockCall],
+    settings: _Settings,
+    clips: ClipChanges,
 ) -> tuple[BlockReport, list[BlockCall], list[BlockCall]]:
-    """Search, fold and clip one block; returns its report, the next block's inputs and the (float) probe."""
+    """Search, fold and clip one block (recording the clips in ``clips``); returns its report, the next block's
+    inputs and the (float) probe."""
     stopwatch = _Stopwatch()
     layout = discover_block_layout(block, probe[0])
     quantized = {linear: settings.converts(f"{name}.{linear}") for names in layout.input_sets for linear in names}
@@ -255,7 +329,7 @@ def _transform_block(
     activations.replay_inputs.clear()
     stopwatch.lap("scale_search")
 
-    clipped = _clip_block(block, layout, quantized, activations.input_gram, input_scales, settings)
+    clipped = _clip_block(block, layout, quantized, activations.input_gram, input_scales, settings, clips)
     stopwatch.lap("clip_search")
 
     next_calls = activations.outputs
@@ -326,8 +400,9 @@ def _clip_block(
     input_gram: dict[str, torch.Tensor],
     input_scales: dict[str, torch.Tensor],
     settings: _Settings,
+    clips: ClipChanges,
 ) -> dict[str, ClipResult]:
-    """Clip every quantized linear's clippable rows; returns linear -> what its clip did."""
+    """Clip every quantized linear's clippable rows (recorded in ``clips``); returns linear -> what its clip did."""
     if not settings.clip:
         return {}
     clipped = {}
@@ -341,9 +416,11 @@ def _clip_block(
                 gram = scaled_gram(gram, input_scales[linear])
             rows = layout.clip_rows[linear]
             weight = block.get_submodule(linear).weight.detach()[rows]
+            before = weight.flatten().clone()
             max_val = search_best_clip(weight, gram, settings.quantizer)
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
             clipped[label] = apply_clip(weight, max_val, gram, settings.quantizer)
+            clips.record(weight.view(-1), before)
     return clipped
 
 
@@ -361,6 +438,44 @@ def _quantized_block_outputs(
     finally:
         for linear, original in zip(linears, originals):
             linear.weight.copy_(original)
+
+
+def _validate_clips(
+    model: nn.Module, validation_ids: torch.LongTensor, linears: list[nn.Linear], clips: ClipChanges, settings: _Settings
+) -> ClipValidation:
+    """Measure the quantized model with and without the clips on ``validation_ids``; leave the better one."""
+    nll_clipped, n_tokens = _quantized_nll(model, validation_ids, linears, settings.quantizer)
+    clips.undo()
+    nll_unclipped, _ = _quantized_nll(model, validation_ids, linears, settings.quantizer)
+    check = ClipValidation(nll_clipped, nll_unclipped, n_tokens)
+    if check.kept:
+        clips.redo()
+    logger.info("AWQ clip %s: validation NLL %.4f clipped, %.4f unclipped", "kept" if check.kept else "undone",
+                nll_clipped, nll_unclipped)
+    return check
+
+
+@torch.inference_mode()
+def _quantized_nll(
+    model: nn.Module, ids: torch.LongTensor, linears: list[nn.Linear], quantizer: WeightQuantizer
+) -> tuple[float, int]:
+    """Mean next-token NLL of ``model`` on ``ids [n, seq]`` with ``linears`` running on their quantized weights,
+    and the number of predicted tokens. One sequence per forward: logits are ``[seq, vocab]`` fp32."""
+
+    def quantized_output(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return F.linear(args[0], quantizer.fake(module.weight), module.bias)
+
+    handles = [linear.register_forward_hook(quantized_output) for linear in linears]
+    total, count = 0.0, 0
+    try:
+        for sequence in ids.split(1):
+            logits = model(input_ids=sequence, use_cache=False).logits[0, :-1].float()
+            total += F.cross_entropy(logits, sequence[0, 1:], reduction="sum").item()
+            count += sequence.shape[1] - 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total / count, count
 
 
 def _log_block(block: BlockReport) -> None:

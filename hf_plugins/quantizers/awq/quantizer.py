@@ -13,7 +13,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..calibration_data import calibration_blocks, resolve_texts
 from ..checkpoint import mark_config, unmark_config
-from .config import QUANT_METHOD, AwqConfig
+from .config import CLIP_VALIDATION_SAMPLES, QUANT_METHOD, AwqConfig
 from .modules import AwqLinear
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,11 @@ def resolve_skipped_modules(model, config: AwqConfig) -> list[str]:
     )
 
 
-def _calibration_ids(model, config: AwqConfig, calibration_data, tokenizer) -> torch.LongTensor:
+def _calibration_ids(
+    model, config: AwqConfig, calibration_data, tokenizer
+) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+    """Calibration ids ``[n_samples, seq_len]`` and, for ``clip="auto"`` with calibration text, validation ids from
+    the text that follows (None when the text runs out or the caller passed token ids)."""
     data = calibration_data if calibration_data is not None else config.calibration
     if data is None or (isinstance(data, str) and data == "custom"):
         raise ValueError(
@@ -46,11 +50,18 @@ def _calibration_ids(model, config: AwqConfig, calibration_data, tokenizer) -> t
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.long or data.dim() != 2:
             raise ValueError(f"calibration token ids must be a LongTensor [n_samples, seq_len], got {data.dtype} {tuple(data.shape)}.")
-        return data
+        return data, None
     tokenizer = tokenizer or config.tokenizer
     if tokenizer is None:
         tokenizer = _tokenizer_from_model_folder(model)
-    return calibration_blocks(resolve_texts(data), tokenizer, config.calibration_samples, config.calibration_seq_len)
+    n_samples = config.calibration_samples
+    n_validation = CLIP_VALIDATION_SAMPLES if config.clip == "auto" else 0
+    ids = calibration_blocks(resolve_texts(data), tokenizer, n_samples + n_validation, config.calibration_seq_len)
+    if ids.shape[0] <= n_samples:
+        if n_validation:
+            logger.warning("calibration text leaves no validation sequences for clip='auto'; the clips are kept")
+        return ids, None
+    return ids[:n_samples], ids[n_samples:]
 
 
 def _tokenizer_from_model_folder(model):
@@ -73,10 +84,11 @@ def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=Non
     if config.needs_calibration:
         from .algorithm import apply_awq
 
-        ids = _calibration_ids(model, config, calibration_data, tokenizer)
+        ids, validation_ids = _calibration_ids(model, config, calibration_data, tokenizer)
         report = apply_awq(
             model,
             ids.to(model.device),
+            validation_ids=validation_ids,
             bits=config.bits,
             group_size=config.group_size,
             modules_to_not_convert=frozenset(skip),
