@@ -19,6 +19,10 @@ def _add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default="wiki", help="packaged text: wiki, news or code (default wiki)")
     parser.add_argument("--calibration-samples", type=int, default=None, help="calibration sequences")
     parser.add_argument("--calibration-seq-len", type=int, default=None, help="tokens per calibration sequence")
+    parser.add_argument(
+        "--clip", choices=["auto", "on", "off"], default="auto",
+        help="AWQ weight clipping: auto keeps it only if it lowers the loss on held-out calibration text (default)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -62,9 +66,10 @@ def _quant_config(args: argparse.Namespace, method: str):
     if args.calibration_seq_len is not None:
         extra["calibration_seq_len"] = args.calibration_seq_len
     searches = method == "awq"
+    clip = {"auto": "auto", "on": True, "off": False}[args.clip] if searches else False
     return AwqConfig(
         bits=args.bits, group_size=args.group_size, calibration=args.calibration if searches else None,
-        scale_search=searches, clip=searches, **extra,
+        scale_search=searches, clip=clip, **extra,
     )
 
 
