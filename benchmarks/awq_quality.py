@@ -13,6 +13,7 @@ the peer. Writes ``benchmarks/results/awq_quality-<date>-<machine>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -65,8 +66,7 @@ def run_model(name: str, args) -> list[dict]:
         model, tokenizer = load_model(name)
         start = time.perf_counter()
         try:
-            if apply is not None:
-                apply(model, tokenizer)
+            report = apply(model, tokenizer) if apply is not None else None
             seconds = time.perf_counter() - start
             row = {
                 "model": name,
@@ -75,6 +75,9 @@ def run_model(name: str, args) -> list[dict]:
                 "wiki_ppl": _ppl(model, tokenizer, "wiki", args.wiki_docs),
                 "news_ppl": _ppl(model, tokenizer, "news", args.news_docs),
             }
+            check = getattr(report, "clip_validation", None)
+            if check is not None:
+                row["clip_validation"] = {**dataclasses.asdict(check), "kept": check.kept}
         except Exception as error:  # a peer that cannot handle this model is reported, not fatal
             rows.append({"model": name, "variant": variant, "error": f"{type(error).__name__}: {error}"})
             print(f"{name:<20}{variant:<16} failed: {error}", flush=True)
