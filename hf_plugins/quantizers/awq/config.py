@@ -61,7 +61,7 @@ class AwqConfig(QuantizationConfigMixin):
             where they lower its whole output error. ``"auto"`` then checks the clips end to end: the quantized
             model's next-token loss on ``CLIP_VALIDATION_SAMPLES`` further calibration sequences (text the searches
             never saw), with the clips and without; the better one stays. Measured: clipping helps SmolLM2-135M
-            and hurts Qwen2.5-Coder-0.5B (whose validation loss says so). Default: "auto".
+            and hurts Qwen2.5-Coder-0.5B. Default: "auto".
         quantized_inputs (`bool`): calibrate each decoder block on the outputs of the already quantized blocks
             before it (what it sees at inference) rather than on the float model's (llm-awq / AutoAWQ: False).
             Default: True.
