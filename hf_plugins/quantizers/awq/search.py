@@ -243,8 +243,9 @@ def apply_clip(
     only where it lowers that row's whole output error ``d G d^T`` (``d = w - q(w)``, ``gram [in, in]``).
 
     The clip search scores every group alone; a row's output is the sum of its groups' partial products, and the
-    cross-group terms it ignores can make a row's clips worse together than none (measured on Qwen2.5-Coder-0.5B:
-    perplexity 43.3 with every clip, 41.8 with this check). A refused row keeps its float weights unchanged.
+    cross-group terms it ignores can make a row's clips worse together than none (SmolLM2-135M W4, held-out wiki /
+    news perplexity: 23.32 / 38.80 with every clip, 23.21 / 38.45 with this check). A refused row keeps its float
+    weights unchanged.
     """
     original = weight.float()
     clipped = clamp_rows(original, max_val, quantizer)
