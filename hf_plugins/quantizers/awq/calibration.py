@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 
-
 class StopForward(Exception):
     """Raised from a hook once the wanted activation is captured, so the rest of the forward is skipped."""
 
