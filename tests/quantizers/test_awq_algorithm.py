@@ -440,8 +440,9 @@ def test_gram_error_equals_replayed_linear_error():
         ({"group_size": 0}, "group_size must be a positive integer or -1"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"calibration_ids": torch.zeros(8)}, r"calibration_ids must be an integer tensor \[n_samples, seq_len\]"),
+        ({"clip": 1}, r"clip must be True, False or 'auto', got 1\."),
     ],
-    ids=["bits", "group_size", "batch_size", "ids_shape"],
+    ids=["bits", "group_size", "batch_size", "ids_shape", "clip_int"],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
     model, _ = tiny_model("llama")

@@ -211,7 +211,7 @@ def apply_awq(
         An :class:`AwqReport`. The model is in its original train/eval mode again.
     """
     _validate(calibration_ids, bits, group_size, n_grid, batch_size)
-    if clip not in (True, False, "auto"):
+    if clip not in (True, False, "auto") or not isinstance(clip, (bool, str)):
         raise ValueError(f"clip must be True, False or 'auto', got {clip!r}.")
     settings = _Settings(
         WeightQuantizer(bits, group_size),
