@@ -104,42 +104,41 @@ def run_model(name: str, args) -> list[dict]:
     return rows
 
 
+def _base_variant(variant: str) -> str:
+    """``awq-w4g128-draw2`` -> ``awq-w4g128``: the variant a calibration draw repeats."""
+    return variant.split("-draw")[0]
+
+
+def _increase_ratio(by_key: dict, model: str, variant: str, key: str) -> float:
+    """AWQ's perplexity increase over fp32 divided by RTN's (same bits and group size) for ``key`` (``wiki_ppl`` ...)."""
+    fp = by_key[(model, "fp32")]
+    rtn = by_key[(model, _base_variant(variant).replace("awq-", "rtn-"))]
+    return (by_key[(model, variant)][key] - fp[key]) / max(rtn[key] - fp[key], 1e-9)
+
+
 def _targets(rows: list[dict]) -> list[str]:
-    """AWQ increase / RTN increase per text and AWQ vs peer, per model and bits."""
+    """AWQ increase / RTN increase per text and AWQ vs peer, per model and bits; then the spread over draws."""
     lines = []
     by_key = {(r["model"], r["variant"]): r for r in rows if "error" not in r}
-    for (model, variant), row in by_key.items():
-        if not variant.startswith("awq-"):
-            continue
-        fp = by_key[(model, "fp32")]
-        rtn = by_key.get((model, variant.split("-draw")[0].replace("awq-", "rtn-")))
-        peer = by_key.get((model, "quanto-" + variant.split("-")[1][:2] + "g128"))
-        for text in ("wiki", "news"):
-            key = f"{text}_ppl"
-            ratio = (row[key] - fp[key]) / max(rtn[key] - fp[key], 1e-9)
-            verdict = "ok" if ratio <= 0.6 else "MISSED"
-            peer_note = "" if peer is None else f"; peer {peer[key]:.3f} ({'ok' if row[key] <= peer[key] else 'MISSED'})"
-            lines.append(f"{model} {variant} {text}: AWQ/RTN increase {ratio:.2f} (target <= 0.60: {verdict}){peer_note}")
-    return lines + _draw_spread(by_key)
-
-
-def _draw_spread(by_key: dict) -> list[str]:
-    """Mean, min and max of AWQ/RTN over the calibration draws, per model, bits and text (only with draws)."""
     ratios: dict[tuple[str, str, str], list[float]] = {}
     for (model, variant), row in by_key.items():
         if not variant.startswith("awq-"):
             continue
-        base = variant.split("-draw")[0]
-        fp, rtn = by_key[(model, "fp32")], by_key[(model, base.replace("awq-", "rtn-"))]
+        peer = by_key.get((model, "quanto-" + variant.split("-")[1][:2] + "g128"))
         for text in ("wiki", "news"):
             key = f"{text}_ppl"
-            ratios.setdefault((model, base, text), []).append((row[key] - fp[key]) / max(rtn[key] - fp[key], 1e-9))
-    return [
+            ratio = _increase_ratio(by_key, model, variant, key)
+            ratios.setdefault((model, _base_variant(variant), text), []).append(ratio)
+            verdict = "ok" if ratio <= 0.6 else "MISSED"
+            peer_note = "" if peer is None else f"; peer {peer[key]:.3f} ({'ok' if row[key] <= peer[key] else 'MISSED'})"
+            lines.append(f"{model} {variant} {text}: AWQ/RTN increase {ratio:.2f} (target <= 0.60: {verdict}){peer_note}")
+    lines += [
         f"{model} {base} {text} over {len(values)} calibration draws: AWQ/RTN increase mean {sum(values) / len(values):.3f}"
         f" (min {min(values):.3f}, max {max(values):.3f})"
         for (model, base, text), values in ratios.items()
         if len(values) > 1
     ]
+    return lines
 
 
 def main() -> None:

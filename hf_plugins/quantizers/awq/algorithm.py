@@ -29,6 +29,7 @@ from .calibration import (
     held_bytes,
     propagate,
 )
+from .config import is_clip_choice
 from .scaling_groups import BlockLayout, ScalingGroup, discover_block_layout, fold_scales
 from .search import (
     ClipResult,
@@ -211,7 +212,7 @@ def apply_awq(
         An :class:`AwqReport`. The model is in its original train/eval mode again.
     """
     _validate(calibration_ids, bits, group_size, n_grid, batch_size)
-    if clip not in (True, False, "auto") or not isinstance(clip, (bool, str)):
+    if not is_clip_choice(clip):
         raise ValueError(f"clip must be True, False or 'auto', got {clip!r}.")
     settings = _Settings(
         WeightQuantizer(bits, group_size),

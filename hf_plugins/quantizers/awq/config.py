@@ -16,6 +16,11 @@ CALIBRATION_ASSETS = ("wiki", "news", "code")
 # Sequences of calibration text (calibration_seq_len tokens each) held out from the searches to check clip="auto".
 CLIP_VALIDATION_SAMPLES = 4
 
+
+def is_clip_choice(value: Any) -> bool:
+    """True for the accepted ``clip`` values: True, False or "auto" (not 1 / 0, which compare equal to the bools)."""
+    return isinstance(value, (bool, str)) and value in (True, False, "auto")
+
 _FIELDS = (
     "bits",
     "group_size",
@@ -128,7 +133,7 @@ class AwqConfig(QuantizationConfigMixin):
         for name in ("scale_search", "duo_scaling", "quantized_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"AwqConfig.{name} must be a bool, got {getattr(self, name)!r}.")
-        if self.clip not in (True, False, "auto") or not isinstance(self.clip, (bool, str)):
+        if not is_clip_choice(self.clip):
             raise ValueError(f"AwqConfig.clip must be True, False or 'auto', got {self.clip!r}.")
         _check_calibration(self.calibration)
 
