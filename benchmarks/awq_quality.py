@@ -11,8 +11,8 @@ the peer. Writes ``benchmarks/results/awq_quality-<date>-<machine>.json``.
 
 ``--calibration-draws N`` repeats AWQ on N disjoint calibration sets (the packaged wiki calibration articles,
 rotated by 1/N of them per draw; draw 0 is the default set) and prints the spread of AWQ/RTN: on SmolLM2-135M
-W4 three draws gave 0.63-0.68 (wiki) and 0.62-0.71 (news), more than any variant of the search moved it, so judge
-a change of the search by its mean over draws.
+W4 three draws gave 0.608-0.610 (wiki) and 0.577-0.613 (news) with one calibration block per article, and
+0.63-0.68 / 0.62-0.71 when all blocks came from one article; judge a change of the search by its mean over draws.
 """
 
 from __future__ import annotations
