@@ -54,9 +54,9 @@ def calibration_blocks(texts: list[str], tokenizer, n_samples: int, seq_len: int
         blocks.extend(further[: n_samples - len(blocks)])
         block_index += 1
     if not blocks:
-        n_tokens = sum(len(ids) for ids in long_documents) + len(short_tokens)
+        # No document reached seq_len, so every token is still in short_tokens.
         raise ValueError(
-            f"calibration text has {n_tokens} tokens, fewer than one block of calibration_seq_len={seq_len}; "
+            f"calibration text has {len(short_tokens)} tokens, fewer than one block of calibration_seq_len={seq_len}; "
             "pass more text or lower calibration_seq_len."
         )
     if len(blocks) < n_samples:

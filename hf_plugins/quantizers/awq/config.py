@@ -21,6 +21,7 @@ def is_clip_choice(value: Any) -> bool:
     """True for the accepted ``clip`` values: True, False or "auto" (not 1 / 0, which compare equal to the bools)."""
     return isinstance(value, (bool, str)) and value in (True, False, "auto")
 
+
 _FIELDS = (
     "bits",
     "group_size",
