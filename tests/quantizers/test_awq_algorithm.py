@@ -305,10 +305,10 @@ def test_clip_search_never_increases_the_partial_product_error():
     weight[:, 3] *= 6  # an outlier column makes clipping pay off
     inputs = torch.randn(300, 80, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
-    max_val = search_best_clip(weight, inputs.T @ inputs, quantizer, max_batch_elements=3 * 80 * 10)
-    assert max_val.shape == (40, 3)
+    bounds = search_best_clip(weight, inputs.T @ inputs, quantizer, max_batch_elements=3 * 80 * 10)
+    assert bounds.shape == (2, 40, 3)
     clipped = weight.clone()
-    result = apply_clip(clipped, max_val, inputs.T @ inputs, quantizer)
+    result = apply_clip(clipped, bounds, inputs.T @ inputs, quantizer)
     assert result.ranges_shrunk > 0 and result.rows_clipped > 0
     plain_error = (inputs @ (quantizer.fake(weight) - weight).T).pow(2).mean()
     clipped_error = (inputs @ (quantizer.fake(clipped) - weight).T).pow(2).mean()
@@ -324,40 +324,58 @@ def test_clip_is_kept_only_on_rows_whose_whole_output_error_drops():
     inputs = torch.cat([shared, shared + 0.1 * torch.randn(500, 32, generator=generator)], dim=1)
     gram = inputs.T @ inputs
     quantizer = WeightQuantizer(bits=3, group_size=32)
-    max_val = search_best_clip(weight, gram, quantizer)
+    bounds = search_best_clip(weight, gram, quantizer)
     guarded = weight.clone()
-    result = apply_clip(guarded, max_val, gram, quantizer)
+    result = apply_clip(guarded, bounds, gram, quantizer)
 
     def row_error(candidate: torch.Tensor) -> torch.Tensor:
         return (inputs @ (quantizer.fake(candidate) - weight).T).pow(2).sum(0)
 
-    unguarded_error = row_error(clamp_rows(weight, max_val, quantizer))
+    unguarded_error = row_error(clamp_rows(weight, bounds, quantizer))
     plain_error = row_error(weight)
     guarded_error = row_error(guarded)
-    refused = (unguarded_error >= plain_error) & (clamp_rows(weight, max_val, quantizer) != weight).any(dim=1)
+    refused = (unguarded_error >= plain_error) & (clamp_rows(weight, bounds, quantizer) != weight).any(dim=1)
     assert result.rows_refused == int(refused.sum()) > 0
     assert result.rows_clipped > 0
     assert torch.all(guarded_error <= plain_error * (1 + 1e-5))
     assert torch.equal(guarded[refused], weight[refused])
 
 
-def _token_loop_clip(weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
-    """AutoAWQ's auto_clip written out: per shrink step, compare group-partial products token by token."""
+def _token_loop_clip(
+    weight: torch.Tensor, inputs: torch.Tensor, quantizer: WeightQuantizer, stages: int = 3
+) -> torch.Tensor:
+    """The clip search written out as AutoAWQ's auto_clip does it: every candidate compares the group-partial
+    products token by token. Stage 1 is AutoAWQ's symmetric shrink; stages 2 and 3 shrink the lower, then the upper
+    bound alone. Returns the bounds ``[2, out, n_groups]`` after ``stages`` stages."""
     grouped_inputs = quantizer.grouped(inputs)
     grouped = quantizer.grouped(weight)
     reference = torch.einsum("tgk,ogk->ogt", grouped_inputs, grouped)
-    original_max = grouped.abs().amax(dim=-1)
-    best_error = torch.full_like(original_max, float("inf"))
-    best_max = original_max.clone()
-    for step in range(10):
-        max_val = original_max * (1 - step / 20)
-        clipped = torch.clamp(grouped, -max_val[..., None], max_val[..., None])
+
+    def partial_product_error(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        clipped = torch.minimum(torch.maximum(grouped, lower[..., None]), upper[..., None])
         quantized = quantizer.fake(clipped.reshape(weight.shape[0], -1)).reshape(grouped.shape)
-        error = (torch.einsum("tgk,ogk->ogt", grouped_inputs, quantized) - reference).pow(2).mean(dim=-1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_max = torch.where(better, max_val, best_max)
-    return best_max
+        return (torch.einsum("tgk,ogk->ogt", grouped_inputs, quantized) - reference).pow(2).mean(dim=-1)
+
+    def best_of(candidates: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        best_lower, best_upper = candidates[0]
+        best_error = torch.full_like(best_lower, float("inf"))
+        for lower, upper in candidates:
+            error = partial_product_error(lower, upper)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_lower = torch.where(better, lower, best_lower)
+            best_upper = torch.where(better, upper, best_upper)
+        return best_lower, best_upper
+
+    shrinks = [1 - step / 20 for step in range(10)]
+    magnitude = grouped.abs().amax(dim=-1)
+    lower, upper = best_of([(-magnitude * shrink, magnitude * shrink) for shrink in shrinks])
+    lower, upper = torch.maximum(lower, grouped.amin(dim=-1)), torch.minimum(upper, grouped.amax(dim=-1))
+    if stages >= 2:
+        lower, upper = best_of([(lower * shrink, upper) for shrink in shrinks])
+    if stages >= 3:
+        lower, upper = best_of([(lower, upper * shrink) for shrink in shrinks])
+    return torch.stack([lower, upper])
 
 
 def test_clip_search_matches_the_token_loop():
@@ -368,6 +386,27 @@ def test_clip_search_matches_the_token_loop():
     quantizer = WeightQuantizer(bits=4, group_size=32)
     expected = _token_loop_clip(weight, inputs, quantizer)
     assert torch.equal(search_best_clip(weight, inputs.T @ inputs, quantizer), expected)
+
+
+def test_separate_clip_bounds_never_lose_to_the_symmetric_clip():
+    generator = torch.Generator().manual_seed(0)
+    # Skewed groups: a symmetric clip ties the long positive tail's bound to the short negative side's.
+    weight = torch.randn(60, 96, generator=generator).abs().pow(2) - 0.5
+    inputs = torch.randn(400, 96, generator=generator)
+    quantizer = WeightQuantizer(bits=3, group_size=32)
+    symmetric = _token_loop_clip(weight, inputs, quantizer, stages=1)
+    separate = search_best_clip(weight, inputs.T @ inputs, quantizer)
+    assert torch.all(separate[0] >= symmetric[0]) and torch.all(separate[1] <= symmetric[1])
+    assert torch.any(separate[0] > symmetric[0]) and torch.any(separate[1] < symmetric[1])
+
+    def partial_product_errors(bounds: torch.Tensor) -> torch.Tensor:
+        """``[out, n_groups]`` squared error of each group's partial products over the tokens."""
+        difference = quantizer.grouped(quantizer.fake(clamp_rows(weight, bounds, quantizer)) - weight)
+        return torch.einsum("tgk,ogk->ogt", quantizer.grouped(inputs), difference).pow(2).sum(dim=-1)
+
+    error_separate, error_symmetric = partial_product_errors(separate), partial_product_errors(symmetric)
+    assert torch.all(error_separate <= error_symmetric * (1 + 1e-5))
+    assert error_separate.sum() < 0.99 * error_symmetric.sum()
 
 
 def test_scaled_gram_equals_gram_of_scaled_inputs():

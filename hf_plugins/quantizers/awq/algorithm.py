@@ -9,9 +9,10 @@ module graph (:mod:`.scaling_groups`), so any decoder-only architecture works wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -196,10 +197,10 @@ def apply_awq(
         n_grid: scale candidates ``alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}``.
         duo_scaling: ``s = s_x^alpha / w_mean^(1-alpha)`` (AutoAWQ's default) instead of ``s = s_x^alpha``.
         clip: run the weight-clipping search after scaling (on every calibration token, through per-group Gram
-            matrices; AutoAWQ samples 512 tokens), keeping a row's clips only where they lower its whole output
-            error (:func:`~.search.apply_clip`). ``"auto"``: then keep the clips only if they lower the quantized
-            model's next-token NLL on ``validation_ids`` (see :class:`ClipValidation`); without validation ids
-            they are kept.
+            matrices, AutoAWQ sampling 512 tokens; separate lower / upper bounds, :func:`~.search.search_best_clip`),
+            keeping a row's clips only where they lower its whole output error (:func:`~.search.apply_clip`).
+            ``"auto"``: then keep the clips only if they lower the quantized model's next-token NLL on
+            ``validation_ids`` (see :class:`ClipValidation`); without validation ids they are kept.
         quantized_inputs: calibrate each block on the outputs of the blocks before it *as quantized* (what it
             sees at inference; the float reference of its search is the float block on those inputs) instead of
             the float model's outputs (llm-awq / AutoAWQ).
@@ -418,9 +419,9 @@ def _clip_block(
             rows = layout.clip_rows[linear]
             weight = block.get_submodule(linear).weight.detach()[rows]
             before = weight.flatten().clone()
-            max_val = search_best_clip(weight, gram, settings.quantizer)
+            bounds = search_best_clip(weight, gram, settings.quantizer)
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
-            clipped[label] = apply_clip(weight, max_val, gram, settings.quantizer)
+            clipped[label] = apply_clip(weight, bounds, gram, settings.quantizer)
             clips.record(weight.view(-1), before)
     return clipped
 
@@ -428,17 +429,25 @@ def _clip_block(
 def _quantized_block_outputs(
     block: nn.Module, calls: list[BlockCall], quantized: dict[str, bool], quantizer: WeightQuantizer
 ) -> list[BlockCall]:
-    """The block's outputs with its quantized linears rounded as the packer will round them (weights restored
-    after)."""
-    linears = [block.get_submodule(name) for name, converts in quantized.items() if converts]
+    """The block's outputs with its quantized linears rounded as the packer will round them."""
+    with _fake_quantized([block.get_submodule(name) for name, converts in quantized.items() if converts], quantizer):
+        return propagate(block, calls)
+
+
+@contextlib.contextmanager
+def _fake_quantized(linears: list[nn.Linear], quantizer: WeightQuantizer) -> Iterator[None]:
+    """Run ``linears`` on their quantized-dequantized weights within the ``with`` statement, restoring the float
+    weights after it (on errors too); holds one float copy of their weights meanwhile."""
     originals = [linear.weight.detach().clone() for linear in linears]
     try:
-        for linear in linears:
-            linear.weight.copy_(quantizer.fake(linear.weight))
-        return propagate(block, calls)
+        with torch.no_grad():
+            for linear in linears:
+                linear.weight.copy_(quantizer.fake(linear.weight))
+        yield
     finally:
-        for linear, original in zip(linears, originals):
-            linear.weight.copy_(original)
+        with torch.no_grad():
+            for linear, original in zip(linears, originals):
+                linear.weight.copy_(original)
 
 
 def _validate_clips(
@@ -462,20 +471,12 @@ def _quantized_nll(
 ) -> tuple[float, int]:
     """Mean next-token NLL of ``model`` on ``ids [n, seq]`` with ``linears`` running on their quantized weights,
     and the number of predicted tokens. One sequence per forward: logits are ``[seq, vocab]`` fp32."""
-
-    def quantized_output(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return F.linear(args[0], quantizer.fake(module.weight), module.bias)
-
-    handles = [linear.register_forward_hook(quantized_output) for linear in linears]
     total, count = 0.0, 0
-    try:
+    with _fake_quantized(linears, quantizer):
         for sequence in ids.split(1):
             logits = model(input_ids=sequence, use_cache=False).logits[0, :-1].float()
             total += F.cross_entropy(logits, sequence[0, 1:], reduction="sum").item()
             count += sequence.shape[1] - 1
-    finally:
-        for handle in handles:
-            handle.remove()
     return total / count, count
 
 
