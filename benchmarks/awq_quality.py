@@ -92,7 +92,7 @@ def run_model(name: str, args) -> list[dict]:
             }
             check = getattr(report, "clip_validation", None)
             if check is not None:
-                row["clip_validation"] = {**dataclasses.asdict(check), "kept": check.kept}
+                row["clip_validation"] = {**dataclasses.asdict(check), "choice": check.choice}
         except Exception as error:  # a peer that cannot handle this model is reported, not fatal
             rows.append({"model": name, "variant": variant, "error": f"{type(error).__name__}: {error}"})
             print(f"{name:<20}{variant:<16} failed: {error}", flush=True)

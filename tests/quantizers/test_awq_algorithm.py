@@ -23,6 +23,7 @@ from hf_plugins.quantizers.awq.calibration import (
 from hf_plugins.quantizers.awq.int_quant import fake_quantize
 from hf_plugins.quantizers.awq.scaling_groups import discover_block_layout, fold_scales
 from hf_plugins.quantizers.awq.search import (
+    ClipBounds,
     GramError,
     ReplayError,
     WeightQuantizer,
@@ -305,7 +306,7 @@ def test_clip_search_never_increases_the_partial_product_error():
     weight[:, 3] *= 6  # an outlier column makes clipping pay off
     inputs = torch.randn(300, 80, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)  # 80 = 2 full groups + a partial one
-    bounds = search_best_clip(weight, inputs.T @ inputs, quantizer, max_batch_elements=3 * 80 * 10)
+    bounds = search_best_clip(weight, inputs.T @ inputs, quantizer, max_batch_elements=3 * 80 * 10).separate
     assert bounds.shape == (2, 40, 3)
     clipped = weight.clone()
     result = apply_clip(clipped, bounds, inputs.T @ inputs, quantizer)
@@ -324,7 +325,7 @@ def test_clip_is_kept_only_on_rows_whose_whole_output_error_drops():
     inputs = torch.cat([shared, shared + 0.1 * torch.randn(500, 32, generator=generator)], dim=1)
     gram = inputs.T @ inputs
     quantizer = WeightQuantizer(bits=3, group_size=32)
-    bounds = search_best_clip(weight, gram, quantizer)
+    bounds = search_best_clip(weight, gram, quantizer).separate
     guarded = weight.clone()
     result = apply_clip(guarded, bounds, gram, quantizer)
 
@@ -384,8 +385,11 @@ def test_clip_search_matches_the_token_loop():
     inputs = torch.randn(300, 80, generator=generator)
     inputs[:, 5] *= 10
     quantizer = WeightQuantizer(bits=4, group_size=32)
-    expected = _token_loop_clip(weight, inputs, quantizer)
-    assert torch.equal(search_best_clip(weight, inputs.T @ inputs, quantizer), expected)
+    bounds = search_best_clip(weight, inputs.T @ inputs, quantizer)
+    assert torch.equal(bounds.symmetric, _token_loop_clip(weight, inputs, quantizer, stages=1))
+    assert torch.equal(bounds.separate, _token_loop_clip(weight, inputs, quantizer))
+    symmetric_only = search_best_clip(weight, inputs.T @ inputs, quantizer, separate_bounds=False)
+    assert symmetric_only.separate is None and torch.equal(symmetric_only.symmetric, bounds.symmetric)
 
 
 def test_separate_clip_bounds_never_lose_to_the_symmetric_clip():
@@ -394,8 +398,7 @@ def test_separate_clip_bounds_never_lose_to_the_symmetric_clip():
     weight = torch.randn(60, 96, generator=generator).abs().pow(2) - 0.5
     inputs = torch.randn(400, 96, generator=generator)
     quantizer = WeightQuantizer(bits=3, group_size=32)
-    symmetric = _token_loop_clip(weight, inputs, quantizer, stages=1)
-    separate = search_best_clip(weight, inputs.T @ inputs, quantizer)
+    symmetric, separate = search_best_clip(weight, inputs.T @ inputs, quantizer)
     assert torch.all(separate[0] >= symmetric[0]) and torch.all(separate[1] <= symmetric[1])
     assert torch.any(separate[0] > symmetric[0]) and torch.any(separate[1] < symmetric[1])
 
@@ -505,21 +508,53 @@ def test_clip_changes_undo_and_redo_exactly():
     assert torch.equal(weight, clipped)
 
 
-@pytest.mark.parametrize("clips_win", [True, False], ids=["kept", "undone"])
-def test_auto_clip_keeps_the_clips_only_when_the_validation_loss_drops(clips_win, monkeypatch):
+def _clipped_copy(model: nn.Module, ids: torch.Tensor, clip: bool, monkeypatch, bounds: str = "symmetric"):
+    """``model`` transformed with ``clip`` and float block inputs, applying the given ``bounds`` of the search."""
+    transformed = copy.deepcopy(model)
+    search = algorithm.search_best_clip
+
+    def chosen_bounds(*args, **kwargs) -> ClipBounds:
+        return ClipBounds(getattr(search(*args, **{**kwargs, "separate_bounds": True}), bounds), None)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(algorithm, "search_best_clip", chosen_bounds)
+        apply_awq(transformed, ids, bits=4, group_size=32, clip=clip, quantized_inputs=False, progress=False)
+    return transformed
+
+
+@pytest.mark.parametrize("choice", ["separate", "symmetric", "none"])
+def test_auto_clip_keeps_the_clips_with_the_lowest_validation_loss(choice, monkeypatch):
     model, _ = tiny_model("llama")
     ids = random_token_ids(N_SAMPLES, SEQ_LEN)
-    # Float block inputs: the clips do not steer later blocks' searches, so "undone" must equal clip=False exactly.
-    expected = copy.deepcopy(model)
-    apply_awq(expected, ids, bits=4, group_size=32, clip=clips_win, quantized_inputs=False, progress=False)
-    losses = iter([1.0, 2.0] if clips_win else [2.0, 1.0])
+    # Float block inputs: the clips do not steer later blocks' searches, so each choice must equal the model
+    # transformed with only those clips exactly.
+    expected = {
+        "separate": _clipped_copy(model, ids, True, monkeypatch, bounds="separate"),
+        "symmetric": _clipped_copy(model, ids, True, monkeypatch),
+        "none": _clipped_copy(model, ids, False, monkeypatch),
+    }
+    # _validate_clips measures separate bounds, then symmetric, then none.
+    losses = iter([1.0 if measured == choice else 2.0 for measured in ("separate", "symmetric", "none")])
     monkeypatch.setattr(algorithm, "_quantized_nll", lambda *args: (next(losses), 5))
     report = apply_awq(
         model, ids, bits=4, group_size=32, clip="auto", validation_ids=random_token_ids(2, SEQ_LEN, seed=1),
         quantized_inputs=False, progress=False,
     )
-    assert report.clip_validation.kept is clips_win
-    assert ("clip kept" if clips_win else "clip undone") in str(report)
+    assert report.clip_validation.choice == choice
+    assert report.clip_validation.kept is (choice != "none")
+    assert f"clip {choice}: validation NLL" in str(report)
+    final = model.state_dict()
+    for label, candidate in expected.items():
+        same = all(torch.equal(final[name], tensor) for name, tensor in candidate.state_dict().items())
+        assert same is (label == choice), label
+
+
+def test_auto_clip_without_validation_text_applies_the_symmetric_clips(monkeypatch):
+    model, _ = tiny_model("qwen2")
+    ids = random_token_ids(N_SAMPLES, SEQ_LEN)
+    expected = _clipped_copy(model, ids, True, monkeypatch)
+    report = apply_awq(model, ids, bits=4, group_size=32, clip="auto", quantized_inputs=False, progress=False)
+    assert report.clip_validation is None
     for (name, actual), (_, wanted) in zip(model.state_dict().items(), expected.state_dict().items()):
         assert torch.equal(actual, wanted), name
 

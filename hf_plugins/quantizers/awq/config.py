@@ -64,12 +64,12 @@ class AwqConfig(QuantizationConfigMixin):
         n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.
         duo_scaling (`bool`): scale by ``s_x^a / s_w^(1-a)`` (AutoAWQ's default) instead of ``s_x^a``.
             Default: True.
-        clip (`bool | str`): AWQ's weight-clipping search, on every calibration token, refining the lower and
-            upper clip bound of each group separately after AutoAWQ's symmetric clip; a row keeps its clips only
-            where they lower its whole output error. ``"auto"`` then checks the clips end to end: the quantized
+        clip (`bool | str`): AWQ's weight-clipping search (AutoAWQ's symmetric clip), on every calibration
+            token; a row keeps its clips only where they lower its whole output error. ``"auto"`` applies
+            separately refined lower / upper clip bounds instead, then checks the clips end to end: the quantized
             model's next-token loss on ``CLIP_VALIDATION_SAMPLES`` further calibration sequences (text the searches
-            never saw), with the clips and without; the better one stays. Measured: clipping helps SmolLM2-135M
-            and hurts Qwen2.5-Coder-0.5B. Default: "auto".
+            never saw) with those bounds, with the symmetric clips and with none; the lowest stays. Without
+            validation text (token ids, or text too short to leave any), ``"auto"`` is ``True``. Default: "auto".
         quantized_inputs (`bool`): calibrate each decoder block on the outputs of the already quantized blocks
             before it (what it sees at inference) rather than on the float model's (llm-awq / AutoAWQ: False).
             Default: True.
