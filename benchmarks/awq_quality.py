@@ -11,8 +11,9 @@ the peer. Writes ``benchmarks/results/awq_quality-<date>-<machine>.json``.
 
 ``--calibration-draws N`` repeats AWQ on N disjoint calibration sets (the packaged wiki calibration articles,
 rotated by 1/N of them per draw; draw 0 is the default set) and prints the spread of AWQ/RTN: on SmolLM2-135M
-W4 three draws gave 0.608-0.610 (wiki) and 0.577-0.613 (news) with one calibration block per article, and
-0.63-0.68 / 0.62-0.71 when all blocks came from one article; judge a change of the search by its mean over draws.
+W4 three draws gave 0.54-0.62 (wiki) and 0.54-0.59 (news) with separate clip bounds, 0.608-0.610 / 0.577-0.613
+with the symmetric clip, and 0.63-0.68 / 0.62-0.71 when all calibration blocks came from one article; judge a
+change of the search by its mean over draws.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run_model(name: str, args) -> list[dict]:
             }
             check = getattr(report, "clip_validation", None)
             if check is not None:
-                row["clip_validation"] = {**dataclasses.asdict(check), "choice": check.choice}
+                row["clip_validation"] = {**dataclasses.asdict(check), "kept": check.kept}
         except Exception as error:  # a peer that cannot handle this model is reported, not fatal
             rows.append({"model": name, "variant": variant, "error": f"{type(error).__name__}: {error}"})
             print(f"{name:<20}{variant:<16} failed: {error}", flush=True)

@@ -91,23 +91,16 @@ class BlockReport:
 @dataclass(frozen=True)
 class ClipValidation:
     """The ``clip="auto"`` decision: mean next-token NLL of the quantized model on validation tokens (calibration
-    text the searches never saw) with the separately refined clip bounds, with AutoAWQ's symmetric clips and with
-    none; the lowest stays (on a tie, the simpler: none, then symmetric)."""
+    text the searches never saw) with every clip (separate lower / upper bounds) and with none; the clips stay only
+    if they lower it."""
 
-    nll_separate: float
-    nll_symmetric: float
+    nll_clipped: float
     nll_unclipped: float
     n_tokens: int
 
     @property
-    def choice(self) -> str:
-        """``"none"``, ``"symmetric"`` or ``"separate"``: the clips left in the model."""
-        candidates = {"none": self.nll_unclipped, "symmetric": self.nll_symmetric, "separate": self.nll_separate}
-        return min(candidates, key=candidates.__getitem__)
-
-    @property
     def kept(self) -> bool:
-        return self.choice != "none"
+        return self.nll_clipped < self.nll_unclipped
 
 
 @dataclass
@@ -139,8 +132,8 @@ class AwqReport:
         if self.clip_validation is not None:
             check = self.clip_validation
             header += (
-                f"\nclip {check.choice}: validation NLL {check.nll_separate:.4f} with separate bounds, "
-                f"{check.nll_symmetric:.4f} symmetric, {check.nll_unclipped:.4f} without ({check.n_tokens} tokens)"
+                f"\nclip {'kept' if check.kept else 'undone'}: validation NLL {check.nll_clipped:.4f} with the clips, "
+                f"{check.nll_unclipped:.4f} without ({check.n_tokens} tokens)"
             )
         rows = [("block", "producer", "linears", "inspected", "alpha", "mse rtn", "mse awq")]
         notes = []
@@ -208,9 +201,9 @@ def apply_awq(
         clip: run AutoAWQ's weight-clipping search after scaling (on every calibration token, through per-group
             Gram matrices, where AutoAWQ samples 512 tokens), keeping a row's clips only where they lower its whole
             output error (:func:`~.search.apply_clip`). ``"auto"`` with ``validation_ids``: the pass applies
-            separately refined lower / upper bounds instead (:func:`~.search.search_best_clip`), then keeps
-            those, the symmetric clips or none, whichever gives the quantized model the lowest next-token NLL on
-            ``validation_ids`` (:class:`ClipValidation`); ``"auto"`` without them is ``True``.
+            separately refined lower / upper bounds instead (:func:`~.search.search_best_clip`), then keeps them
+            only if they lower the quantized model's next-token NLL on ``validation_ids`` (:class:`ClipValidation`);
+            ``"auto"`` without them is ``True``.
         quantized_inputs: calibrate each block on the outputs of the blocks before it *as quantized* (what it
             sees at inference; the float reference of its search is the float block on those inputs) instead of
             the float model's outputs (llm-awq / AutoAWQ).
@@ -244,7 +237,7 @@ def apply_awq(
         device = next(blocks[0].parameters()).device
         calls = capture_block_inputs(model, blocks[0], calibration_ids.to(device), batch_size)
         probe = capture_block_inputs(model, blocks[0], calibration_ids[:1, :PROBE_TOKENS].to(device), 1)
-        clips = ClipEdits()
+        clips = ClipChanges()
         for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=not progress)):
             block_report, calls, probe = _transform_block(
                 block, f"{blocks_name}.{index}", calls, probe, settings, clips
@@ -252,7 +245,7 @@ def apply_awq(
             report.blocks.append(block_report)
             _log_block(block_report)
         del calls, probe
-        if settings.separate_bounds and (clips.applied or clips.symmetric):
+        if settings.separate_bounds and clips:
             linears = [
                 module
                 for index, block in enumerate(blocks)
@@ -287,13 +280,11 @@ class ClipChanges:
     def __bool__(self) -> bool:
         return bool(self._changes)
 
-    def record(self, flat_weight: torch.Tensor, before: torch.Tensor, after: torch.Tensor | None = None) -> None:
-        """Clips of ``flat_weight`` (a view of the weight) from its ``before`` values to ``after`` (default: its
-        current values, i.e. already clipped)."""
-        after = flat_weight if after is None else after
-        index = (after != before).nonzero().squeeze(1)
+    def record(self, flat_weight: torch.Tensor, before: torch.Tensor) -> None:
+        """``flat_weight`` (a view of the weight, already clipped) against its ``before`` values."""
+        index = (flat_weight != before).nonzero().squeeze(1)
         if index.numel():
-            self._changes.append((flat_weight, index, before[index], after[index].clone()))
+            self._changes.append((flat_weight, index, before[index], flat_weight[index].clone()))
 
     @torch.no_grad()
     def undo(self) -> None:
@@ -306,15 +297,6 @@ class ClipChanges:
             flat_weight[index] = after
 
 
-@dataclass
-class ClipEdits:
-    """The clips applied during the pass and, when those are the separately refined bounds, AutoAWQ's symmetric
-    clips of the same weights, which the ``clip="auto"`` validation may switch to."""
-
-    applied: ClipChanges = field(default_factory=ClipChanges)
-    symmetric: ClipChanges = field(default_factory=ClipChanges)
-
-
 @torch.inference_mode()
 def _transform_block(
     block: nn.Module,
@@ -322,7 +304,7 @@ def _transform_block(
     calls: list[BlockCall],
     probe: list[BlockCall],
     settings: _Settings,
-    clips: ClipEdits,
+    clips: ClipChanges,
 ) -> tuple[BlockReport, list[BlockCall], list[BlockCall]]:
     """Search, fold and clip one block (recording the clips in ``clips``); returns its report, the next block's
     inputs and the (float) probe."""
@@ -424,7 +406,7 @@ def _clip_block(
     input_gram: dict[str, torch.Tensor],
     input_scales: dict[str, torch.Tensor],
     settings: _Settings,
-    clips: ClipEdits,
+    clips: ClipChanges,
 ) -> dict[str, ClipResult]:
     """Clip every quantized linear's clippable rows (recorded in ``clips``); returns linear -> what its clip did."""
     if not settings.clip:
@@ -442,14 +424,10 @@ def _clip_block(
             weight = block.get_submodule(linear).weight.detach()[rows]
             before = weight.flatten().clone()
             bounds = search_best_clip(weight, gram, settings.quantizer, separate_bounds=settings.separate_bounds)
-            if bounds.separate is not None:
-                alternative = weight.clone()
-                apply_clip(alternative, bounds.symmetric, gram, settings.quantizer)
-                clips.symmetric.record(weight.view(-1), before, alternative.view(-1))
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
             applied = bounds.symmetric if bounds.separate is None else bounds.separate
             clipped[label] = apply_clip(weight, applied, gram, settings.quantizer)
-            clips.applied.record(weight.view(-1), before)
+            clips.record(weight.view(-1), before)
     return clipped
 
 
@@ -478,25 +456,17 @@ def _fake_quantized(linears: list[nn.Linear], quantizer: WeightQuantizer) -> Ite
 
 
 def _validate_clips(
-    model: nn.Module, validation_ids: torch.LongTensor, linears: list[nn.Linear], clips: ClipEdits, settings: _Settings
+    model: nn.Module, validation_ids: torch.LongTensor, linears: list[nn.Linear], clips: ClipChanges, settings: _Settings
 ) -> ClipValidation:
-    """Measure the quantized model on ``validation_ids`` with the applied (separate-bound) clips, the symmetric
-    clips and none; leave the best."""
-    nll_separate, n_tokens = _quantized_nll(model, validation_ids, linears, settings.quantizer)
-    clips.applied.undo()
-    clips.symmetric.redo()
-    nll_symmetric, _ = _quantized_nll(model, validation_ids, linears, settings.quantizer)
-    clips.symmetric.undo()
+    """Measure the quantized model with and without the clips on ``validation_ids``; leave the better one."""
+    nll_clipped, n_tokens = _quantized_nll(model, validation_ids, linears, settings.quantizer)
+    clips.undo()
     nll_unclipped, _ = _quantized_nll(model, validation_ids, linears, settings.quantizer)
-    check = ClipValidation(nll_separate, nll_symmetric, nll_unclipped, n_tokens)
-    if check.choice == "separate":
-        clips.applied.redo()
-    elif check.choice == "symmetric":
-        clips.symmetric.redo()
-    logger.info(
-        "AWQ clip %s: validation NLL %.4f separate bounds, %.4f symmetric, %.4f unclipped",
-        check.choice, nll_separate, nll_symmetric, nll_unclipped,
-    )
+    check = ClipValidation(nll_clipped, nll_unclipped, n_tokens)
+    if check.kept:
+        clips.redo()
+    logger.info("AWQ clip %s: validation NLL %.4f clipped, %.4f unclipped", "kept" if check.kept else "undone",
+                nll_clipped, nll_unclipped)
     return check
 
 

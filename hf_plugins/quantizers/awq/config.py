@@ -68,8 +68,8 @@ class AwqConfig(QuantizationConfigMixin):
             token; a row keeps its clips only where they lower its whole output error. ``"auto"`` applies
             separately refined lower / upper clip bounds instead, then checks the clips end to end: the quantized
             model's next-token loss on ``CLIP_VALIDATION_SAMPLES`` further calibration sequences (text the searches
-            never saw) with those bounds, with the symmetric clips and with none; the lowest stays. Without
-            validation text (token ids, or text too short to leave any), ``"auto"`` is ``True``. Default: "auto".
+            never saw), with those clips and with none; the better one stays. Without validation text (token
+            ids, or text too short to leave any), ``"auto"`` is ``True``. Default: "auto".
         quantized_inputs (`bool`): calibrate each decoder block on the outputs of the already quantized blocks
             before it (what it sees at inference) rather than on the float model's (llm-awq / AutoAWQ: False).
             Default: True.
