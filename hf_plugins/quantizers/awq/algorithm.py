@@ -425,8 +425,7 @@ def _clip_block(
             before = weight.flatten().clone()
             bounds = search_best_clip(weight, gram, settings.quantizer, separate_bounds=settings.separate_bounds)
             label = linear if rows == slice(None) else f"{linear}[{rows.start}:{rows.stop}]"
-            applied = bounds.symmetric if bounds.separate is None else bounds.separate
-            clipped[label] = apply_clip(weight, applied, gram, settings.quantizer)
+            clipped[label] = apply_clip(weight, bounds.refined, gram, settings.quantizer)
             clips.record(weight.view(-1), before)
     return clipped
 

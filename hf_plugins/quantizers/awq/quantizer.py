@@ -59,7 +59,9 @@ def _calibration_ids(
     ids = calibration_blocks(resolve_texts(data), tokenizer, n_samples + n_validation, config.calibration_seq_len)
     if ids.shape[0] <= n_samples:
         if n_validation:
-            logger.warning("calibration text leaves no validation sequences for clip='auto'; the symmetric clips are kept")
+            logger.warning(
+                "calibration text leaves no validation sequences for clip='auto'; the symmetric clips are kept"
+            )
         return ids, None
     return ids[:n_samples], ids[n_samples:]
 

@@ -187,6 +187,11 @@ class ClipBounds(NamedTuple):
     symmetric: torch.Tensor
     separate: torch.Tensor | None
 
+    @property
+    def refined(self) -> torch.Tensor:
+        """The most refined bounds searched: the separate ones where searched, else the symmetric ones."""
+        return self.symmetric if self.separate is None else self.separate
+
 
 @torch.inference_mode()
 def search_best_clip(
