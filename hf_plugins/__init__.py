@@ -8,10 +8,23 @@ from __future__ import annotations
 import importlib
 
 from ._registry import register_all
+from .generation import SpeculativeConfig, disable_speculative, enable_speculative, self_draft
 from .quantizers import AwqConfig, AwqLinear, quantize
 
 __version__ = "0.1.0"
-__all__ = ["AwqConfig", "AwqLinear", "assets", "evaluation", "quantize", "register_lora", "__version__"]
+__all__ = [
+    "AwqConfig",
+    "AwqLinear",
+    "SpeculativeConfig",
+    "assets",
+    "disable_speculative",
+    "enable_speculative",
+    "evaluation",
+    "quantize",
+    "register_lora",
+    "self_draft",
+    "__version__",
+]
 
 register_all()
 

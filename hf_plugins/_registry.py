@@ -11,15 +11,18 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from .generation import enable_speculative
 from .quantizers import AwqConfig, AwqHfQuantizer
 from .quantizers.awq.config import QUANT_METHOD as AWQ_METHOD
 from .quantizers.checkpoint import CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig
+from .quantizers.hooks import ON_QUANTIZED_MODEL
 
 QUANTIZATION_METHODS = {AWQ_METHOD: (AwqConfig, AwqHfQuantizer)}
 
 
 def register_all() -> None:
-    """Register quantization configs, quantizers and the checkpoint model type (safe to call repeatedly)."""
+    """Register quantization configs, quantizers, the checkpoint model type, and speculative decoding for every model
+    our quantizers produce (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -27,3 +30,5 @@ def register_all() -> None:
             register_quantizer(method)(quantizer_cls)
     if CHECKPOINT_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)
+    if enable_speculative not in ON_QUANTIZED_MODEL:
+        ON_QUANTIZED_MODEL.append(enable_speculative)

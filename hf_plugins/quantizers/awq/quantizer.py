@@ -13,6 +13,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..calibration_data import calibration_blocks, resolve_texts
 from ..checkpoint import mark_config, unmark_config
+from ..hooks import run_on_quantized_model
 from .config import CLIP_VALIDATION_SAMPLES, QUANT_METHOD, AwqConfig
 from .modules import AwqLinear
 
@@ -118,6 +119,7 @@ def attach_quantizer(model, config: AwqConfig) -> None:
     model.quantization_method = QUANT_METHOD
     model.config._is_quantized = True
     mark_config(model.config)
+    run_on_quantized_model(model)
 
 
 class AwqHfQuantizer(HfQuantizer):
@@ -160,6 +162,7 @@ class AwqHfQuantizer(HfQuantizer):
             self.quantization_config = resolved
             model.config.quantization_config = resolved
         mark_config(model.config)
+        run_on_quantized_model(model)
         return model
 
     def _dequantize(self, model, dtype=None):

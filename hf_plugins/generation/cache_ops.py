@@ -1,0 +1,35 @@
+"""Cache and mask helpers shared by the draft and the verification loop."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def crop_to(cache: Cache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer of ``cache``."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def check_croppable(cache: Cache, who: str) -> None:
+    """ValueError unless every layer of ``cache`` can be cropped (speculation rolls rejected tokens back)."""
+    stuck = [type(layer).__name__ for layer in getattr(cache, "layers", []) if not getattr(layer, "is_croppable", True)]
+    if stuck:
+        raise ValueError(
+            f"Speculative decoding rolls the {who} cache back after each verification, but its layers "
+            f"{sorted(set(stuck))} cannot be cropped. Use a croppable cache (DynamicCache, the default) for the {who}."
+        )
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, slots]`` 0/1 mask -> position ids as ``generate`` makes them: real tokens before each slot, 0 on
+    masked slots. (A prompt ending in a masked token thus continues from position 1, as ``generate`` does.)"""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
+def mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
+    """``generate`` drops an all-ones mask (a faster causal path); doing the same keeps logits bit-identical."""
+    return None if bool(mask.all()) else mask

@@ -1,0 +1,142 @@
+"""EasySpec's fuzzy layer-parallel draft step (Wu et al., 2025), fused into batched matmuls on one device.
+
+Layers are split into consecutive groups. Inside a group every attention sublayer reads the hidden state that
+entered the group (normalised by its own input norm) instead of the one left by the previous layer, so the
+group's query/key/value projections run as one ``bmm`` over stacked weights and its attentions as one SDPA call
+over stacked caches; the residual additions and MLPs then run in layer order. Group size 1 is exactly the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+# Decoder families whose layers are: input_layernorm -> self_attn(q/k/v/o_proj, RoPE) -> residual ->
+# post_attention_layernorm -> mlp -> residual, with an unscaled embedding.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """``[out, in]`` float weight of an ``nn.Linear`` or of one of our quantized linears (dequantized)."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight()
+    return module.weight
+
+
+def _bias(module: nn.Module, out_features: int, like: torch.Tensor) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    return bias.to(like.dtype) if bias is not None else like.new_zeros(out_features)
+
+
+class LayerParallelDraft:
+    """Single-token fuzzy forward of a Llama-style draft model with its layers in groups of ``group_size``.
+
+    Args:
+        model: a causal LM of a type in ``SUPPORTED_MODEL_TYPES`` (full attention in every layer).
+        group_size: layers per group; the last group may be shorter.
+    """
+
+    def __init__(self, model: PreTrainedModel, group_size: int) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Layer-parallel drafting supports model types {SUPPORTED_MODEL_TYPES}; the draft is "
+                f"{config.model_type!r}. Use layer_parallel_group_size=1 with this draft."
+            )
+        if any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or ())):
+            raise ValueError("Layer-parallel drafting needs full attention in every draft layer (no sliding window).")
+        if group_size < 1:
+            raise ValueError(f"layer_parallel_group_size must be >= 1, got {group_size}.")
+        self.model = model
+        self.base = model.base_model
+        layers = list(self.base.layers)
+        self.groups = [layers[i : i + group_size] for i in range(0, len(layers), group_size)]
+        self._stacked = [self._stack(group) for group in self.groups]
+
+    @staticmethod
+    def _stack(group: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Stacked ``[G, in, q+k+v]`` projection weights, ``[G, q+k+v]`` biases, ``[G, q, hidden]`` output weights."""
+        qkv, biases, outs = [], [], []
+        for layer in group:
+            attn = layer.self_attn
+            parts = [_dense_weight(attn.q_proj), _dense_weight(attn.k_proj), _dense_weight(attn.v_proj)]
+            qkv.append(torch.cat(parts, dim=0).t())
+            biases.append(torch.cat([_bias(m, w.shape[0], w) for m, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), parts)]))
+            outs.append(_dense_weight(attn.o_proj).t())
+        sizes = (parts[0].shape[0], parts[1].shape[0])
+        return torch.stack(qkv).contiguous(), torch.stack(biases), torch.stack(outs).contiguous(), sizes
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One fuzzy token per row.
+
+        Args:
+            input_ids: ``[batch, 1]`` the newest token of each row.
+            position_ids: ``[batch, 1]``.
+            mask: ``[batch, slots]`` 0/1 over every cached slot plus this one (holes and padding are 0).
+            cache: the draft's cache; every layer is appended one slot.
+
+        Returns:
+            ``[batch, vocab]`` logits.
+        """
+        hidden = self.base.embed_tokens(input_ids)
+        cos, sin = self.base.rotary_emb(hidden, position_ids)
+        keep = mask.bool()[:, None, None, :]
+        for group, stacked in zip(self.groups, self._stacked):
+            hidden = self._group(group, stacked, hidden, cos, sin, keep, cache)
+        hidden = self.base.norm(hidden)
+        return self.model.lm_head(hidden[:, -1])
+
+    def _group(self, group, stacked, hidden, cos, sin, keep, cache) -> torch.Tensor:
+        qkv_weight, qkv_bias, out_weight, (q_size, kv_size) = stacked
+        batch, length, width = hidden.shape
+        size = len(group)
+        attn0 = group[0].self_attn
+        head_dim = attn0.head_dim
+        normed = torch.stack([layer.input_layernorm(hidden) for layer in group]).view(size, batch * length, width)
+        qkv = torch.baddbmm(qkv_bias[:, None, :].to(normed.dtype), normed, qkv_weight.to(normed.dtype))
+        query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        query = query.view(size, batch, length, -1, head_dim).transpose(2, 3)
+        key = key.view(size, batch, length, -1, head_dim).transpose(2, 3)
+        value = value.view(size, batch, length, -1, head_dim).transpose(2, 3)
+        query, key = self._head_norms(group, query, key)
+        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        keys, values = [], []
+        for index, layer in enumerate(group):
+            k_all, v_all = cache.update(key[index], value[index], layer.self_attn.layer_idx)
+            keys.append(k_all)
+            values.append(v_all)
+        attn = F.scaled_dot_product_attention(
+            query.flatten(0, 1),
+            torch.stack(keys).flatten(0, 1),
+            torch.stack(values).flatten(0, 1),
+            attn_mask=keep.repeat(size, 1, 1, 1),
+            scale=attn0.scaling,
+            enable_gqa=True,
+        )
+        attn = attn.view(size, batch, -1, length, head_dim).transpose(2, 3).reshape(size, batch * length, -1)
+        attn_out = torch.bmm(attn, out_weight.to(attn.dtype)).view(size, batch, length, width)
+        for index, layer in enumerate(group):
+            hidden = hidden + attn_out[index]
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    @staticmethod
+    def _head_norms(group, query, key):
+        """Per-head q/k RMSNorms (Qwen3) applied layer by layer; identity for families without them."""
+        if not hasattr(group[0].self_attn, "q_norm"):
+            return query, key
+        query = torch.stack([layer.self_attn.q_norm(query[i]) for i, layer in enumerate(group)])
+        key = torch.stack([layer.self_attn.k_norm(key[i]) for i, layer in enumerate(group)])
+        return query, key
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``[G, batch, heads, len, head_dim]`` with ``cos``/``sin`` ``[batch, len, head_dim]``."""
+    cos, sin = cos[None, :, None].to(states.dtype), sin[None, :, None].to(states.dtype)
+    half = states.shape[-1] // 2
+    rotated = torch.cat([-states[..., half:], states[..., :half]], dim=-1)
+    return states * cos + rotated * sin
