@@ -1,4 +1,4 @@
-"""The ``hf-plugins`` command: demo, quantize, eval, generate. Uses only the public API."""
+"""The ``hf-plugins`` command: demo, quantize, eval, generate (plain or speculative). Uses only the public API."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import demo as demo_job
+from .cli_generate import add_generate_parser, run_generate
 
 logger = logging.getLogger("hf_plugins.cli")
 
@@ -50,10 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=512)
     evaluate.add_argument("--json", type=Path, help="also write the results here")
 
-    generate = sub.add_parser("generate", help="greedy continuation of a prompt")
-    generate.add_argument("model")
-    generate.add_argument("prompt")
-    generate.add_argument("--max-new-tokens", type=int, default=48)
+    add_generate_parser(sub)
     return parser
 
 
@@ -103,11 +101,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .demo import greedy_sample, load_any
+    from .demo import load_any
 
-    model, tokenizer = load_any(args.model)
-    print(greedy_sample(model, tokenizer, args.prompt, args.max_new_tokens))
-    return 0
+    return run_generate(args, load_any)
 
 
 def main(argv: list[str] | None = None) -> int:

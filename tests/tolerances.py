@@ -8,6 +8,7 @@
 import torch
 
 FLOAT_KERNEL_RTOL = {
+    torch.float64: 1e-12,
     torch.float32: 2e-5,
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
@@ -35,3 +36,7 @@ def assert_close_kernel(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
     assert torch.isfinite(actual).all(), "kernel output has non-finite values (poisoned output not overwritten?)"
     err = max_rel_error(actual, expected)
     assert err <= FLOAT_KERNEL_RTOL[dtype], f"max rel error {err:.3e} > {FLOAT_KERNEL_RTOL[dtype]:.1e} for {dtype}"
+
+# Significance level of the statistical tests that sampled outputs follow the target's distribution: a correct
+# sampler fails one such test with this probability (the seeds are fixed, so a passing test stays passing).
+SAMPLING_SIGNIFICANCE = 1e-3

@@ -1,6 +1,7 @@
-"""Evaluation: corpus perplexity as a function and as an ``evaluate`` metric shipped with the package.
+"""Evaluation: corpus perplexity and speculative-decoding metrics, as functions and as ``evaluate`` metrics shipped
+with the package.
 
-``import hf_plugins.evaluation`` imports neither transformers nor evaluate; ``load_perplexity_metric`` imports
+``import hf_plugins.evaluation`` imports neither transformers nor evaluate; the ``load_*_metric`` functions import
 evaluate when called.
 """
 
@@ -11,4 +12,20 @@ from hf_plugins.evaluation.perplexity import (
     perplexity,
 )
 
-__all__ = ["PERPLEXITY_METRIC_PATH", "PerplexityResult", "load_perplexity_metric", "perplexity"]
+from hf_plugins.evaluation.speculative import (
+    SPECULATIVE_METRIC_PATH,
+    load_speculative_metric,
+    speculative_fields,
+    summarize_speculative,
+)
+
+__all__ = [
+    "PERPLEXITY_METRIC_PATH",
+    "SPECULATIVE_METRIC_PATH",
+    "PerplexityResult",
+    "load_perplexity_metric",
+    "load_speculative_metric",
+    "perplexity",
+    "speculative_fields",
+    "summarize_speculative",
+]

@@ -17,12 +17,15 @@ class SpeculativeConfig:
         layer_parallel_group_size: EasySpec layer-parallel drafting: consecutive draft layers per group whose
             attention runs on the same input (1 = ordinary drafting). Lossless either way; larger groups draft
             faster and are accepted less often.
+        fast_cpu_linears: on CPU, run the float linear layers of target and draft through oneDNN while decoding
+            (about 1.8x faster for the few-row products of verification); plain ``generate`` is unaffected.
     """
 
     num_draft_tokens: int | str = "auto"
     max_draft_tokens: int = 12
     initial_draft_tokens: int = 4
     layer_parallel_group_size: int = 1
+    fast_cpu_linears: bool = True
 
     def __post_init__(self) -> None:
         if self.num_draft_tokens != "auto" and not (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens >= 1):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..quantizers import AwqLinear
@@ -117,6 +118,6 @@ def _quantized(linear: nn.Linear, bits: int, group_size: int) -> AwqLinear:
 
 
 def _quantize_linears(root: nn.Module, bits: int, group_size: int) -> None:
-    for name, module in list(root.named_modules()):
-        if type(module) is nn.Linear:
-            root.set_submodule(name, _quantized(module, bits, group_size))
+    linears = [(name, module) for name, module in root.named_modules() if type(module) is nn.Linear]
+    for name, module in tqdm(linears, desc=f"self-draft: {bits}-bit linears", unit="layer", leave=False):
+        root.set_submodule(name, _quantized(module, bits, group_size))

@@ -33,7 +33,7 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
     if codes.min() < 0 or codes.max() > 15:
         raise ValueError(f"pack_awq needs codes in [0, 15], got [{codes.min().item()}, {codes.max().item()}].")
     grouped = codes.to(torch.int64).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
-    words = (grouped << _SHIFTS.to(torch.int64)).sum(-1)
+    words = (grouped << _SHIFTS.to(grouped.device, torch.int64)).sum(-1)
     # Values above 2^31 wrap to negative int32, as the checkpoint format stores them.
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -41,7 +41,7 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_awq`: int32 ``[rows, cols // 8]`` -> int32 codes ``[rows, cols]``."""
     rows, words = packed.shape
-    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(torch.int64)) & 0xF
+    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(packed.device, torch.int64)) & 0xF
     return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(rows, words * 8).to(torch.int32)
 
 

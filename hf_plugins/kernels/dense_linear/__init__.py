@@ -1,0 +1,61 @@
+"""Dense float linear ``y = x W^T + b`` with a faster CPU path, and an ``nn.Linear`` that uses it.
+
+Backends: ``reference`` (float64 oracle), ``cpu`` (oneDNN, :mod:`.cpu`) and, on CUDA, cuBLAS through ``F.linear``
+(already the fast path there; there is no Triton kernel for a plain dense matmul to beat it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import choose_backend
+from .cpu import SUPPORTED_DTYPES, dense_linear_cpu, onednn_linear_available
+from .reference import dense_linear_reference
+
+__all__ = ["FastLinear", "dense_linear", "dense_linear_cpu", "dense_linear_reference", "use_fast_linears"]
+
+
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """``x [..., in]``, ``weight [out, in]``, ``bias [out]`` -> ``[..., out]``.
+
+    On CPU the oneDNN path serves inference in fp32/bf16; autograd, other dtypes and builds without oneDNN use
+    ``F.linear`` (same math, the stock kernel).
+    """
+    chosen = choose_backend("dense_linear", x.device, backend)
+    if chosen == "reference":
+        return dense_linear_reference(x, weight, bias)
+    if (
+        chosen == "cpu"
+        and x.dtype in SUPPORTED_DTYPES
+        and weight.dtype == x.dtype
+        and onednn_linear_available()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return dense_linear_cpu(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class FastLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward goes through :func:`dense_linear`; parameters and state dict unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+
+def use_fast_linears(model: nn.Module, enable: bool = True) -> int:
+    """Switch every plain ``nn.Linear`` of ``model`` to :class:`FastLinear` in place (or back with ``enable=False``).
+
+    Only the class changes: the same parameter tensors stay, so ``state_dict``, ``save_pretrained``, PEFT and
+    weight tying are unaffected. Returns the number of modules switched.
+    """
+    source, target = (nn.Linear, FastLinear) if enable else (FastLinear, nn.Linear)
+    switched = 0
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target
+            switched += 1
+    return switched
