@@ -33,6 +33,7 @@ test-fast: install
 bench: assets
 	$(PY) benchmarks/awq_quality.py
 	$(PY) benchmarks/awq_cpu_speed.py
+	$(PY) benchmarks/speculative_cpu.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -14,7 +14,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .cache_ops import crop_to, mask_or_none, positions_from_mask
-from .layer_parallel import LayerParallelDraft
+from .layer_parallel import layer_parallel_draft
 
 TokenChooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -41,7 +41,7 @@ class DraftModelCandidates(CandidateGenerator):
         self.draft_model = draft_model
         self.vocab_size = vocab_size
         self.cache = DynamicCache(config=draft_model.config)
-        self.fuzzy = LayerParallelDraft(draft_model, layer_parallel_group_size) if layer_parallel_group_size > 1 else None
+        self.fuzzy = layer_parallel_draft(draft_model, layer_parallel_group_size) if layer_parallel_group_size > 1 else None
         self.num_tokens = 4
         self.chooser: TokenChooser = _greedy
         self._exact_slots = 0  # leading slots whose draft KV entries are exact

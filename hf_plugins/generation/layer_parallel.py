@@ -140,3 +140,19 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = states.shape[-1] // 2
     rotated = torch.cat([-states[..., half:], states[..., :half]], dim=-1)
     return states * cos + rotated * sin
+
+
+_CACHE_ATTR = "_hf_plugins_layer_parallel"
+
+
+def layer_parallel_draft(model: PreTrainedModel, group_size: int) -> LayerParallelDraft:
+    """The model's ``LayerParallelDraft`` for ``group_size``, built once and kept on the model.
+
+    Building stacks (and for quantized drafts dequantizes) every attention projection, which would otherwise be
+    repeated on each ``generate`` call. A stale copy after the draft's weights change only lowers acceptance, never
+    the output (verification is exact); ``model.__dict__.pop("_hf_plugins_layer_parallel")`` drops it.
+    """
+    built = model.__dict__.setdefault(_CACHE_ATTR, {})
+    if group_size not in built:
+        built[group_size] = LayerParallelDraft(model, group_size)
+    return built[group_size]

@@ -24,7 +24,9 @@ from .cache_ops import check_croppable, crop_to, mask_or_none, positions_from_ma
 from .config import SpeculativeConfig
 from .draft_length import DraftLengthPolicy
 from .drafting import DraftModelCandidates
+from .rows import OutputRows
 from .scoring import choose, prefix_free, score_positions
+from .slots import SlotLayout
 from .stats import SpeculativeStats
 
 
@@ -52,44 +54,6 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     speculative_stats: dict | None = None
 
 
-class _Rows:
-    """Per-row output tokens (left-padded prompt + generated), their lengths and which rows are done."""
-
-    def __init__(self, input_ids: torch.Tensor, max_length: int, eos: torch.Tensor | None, pad: int, extra_stops) -> None:
-        batch, prompt = input_ids.shape
-        self.tokens = input_ids.new_full((batch, max_length), pad)
-        self.tokens[:, :prompt] = input_ids
-        self.lengths = [prompt] * batch
-        self.done = [False] * batch
-        self.max_length = max_length
-        self.eos = set(eos.tolist()) if eos is not None else set()
-        self.extra_stops = extra_stops
-
-    def prefix(self, row: int) -> torch.Tensor:
-        return self.tokens[row, : self.lengths[row]]
-
-    def append(self, row: int, new_tokens: list[int]) -> list[int]:
-        """Append tokens to an unfinished row up to EOS / max length / a stop criterion; returns those kept."""
-        kept = []
-        for token in new_tokens:
-            if self.done[row]:
-                break
-            self.tokens[row, self.lengths[row]] = token
-            self.lengths[row] += 1
-            kept.append(token)
-            if token in self.eos or self.lengths[row] >= self.max_length or self._stopped(row):
-                self.done[row] = True
-        return kept
-
-    def _stopped(self, row: int) -> bool:
-        if not self.extra_stops:
-            return False
-        return bool(self.extra_stops(self.prefix(row)[None], None).any())
-
-    def sequences(self) -> torch.Tensor:
-        return self.tokens[:, : max(self.lengths)]
-
-
 def speculative_generate(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -104,7 +68,8 @@ def speculative_generate(
     """Lossless speculative decoding for any batch size; see ``hf_plugins.enable_speculative``.
 
     Returns ``sequences [batch, prompt + new]`` (rows that stopped early are padded), or with
-    ``return_dict_in_generate`` a ``GenerateDecoderOnlyOutput`` whose ``speculative_stats`` holds the metrics.
+    ``return_dict_in_generate`` a ``SpeculativeGenerateOutput`` whose ``speculative_stats`` holds the metrics and
+    whose ``cache`` is the target cache for batch 1 (None for batches, whose cache holds masked holes).
     """
     config = speculative_config or SpeculativeConfig()
     on_cpu = model.device.type == "cpu" and config.fast_cpu_linears
@@ -123,10 +88,9 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     check_croppable(cache, "target")
     batch = input_ids.shape[0]
     pad = generation_config._pad_token_tensor
-    pad_id = int(pad) if pad is not None else 0
     extra_stops = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    rows = _Rows(input_ids, generation_config.max_length, generation_config._eos_token_tensor, pad_id,
-                 type(stopping_criteria)(extra_stops) if extra_stops else None)
+    rows = OutputRows(input_ids, generation_config.max_length, generation_config._eos_token_tensor,
+                      int(pad) if pad is not None else 0, type(stopping_criteria)(extra_stops) if extra_stops else None)
     stats = SpeculativeStats(rows=batch)
     policy = DraftLengthPolicy(
         initial=config.initial_draft_tokens,
@@ -135,14 +99,7 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     )
     drafter = DraftModelCandidates(speculative_draft, model.config.get_text_config().vocab_size,
                                    config.layer_parallel_group_size)
-    draft_processors = prefix_free(logits_processor)
-
-    def draft_chooser(logits: torch.Tensor):
-        if not do_sample:
-            return logits.argmax(dim=-1), None
-        return choose(draft_processors(input_ids[:, :1], logits.float()), True)
-
-    drafter.chooser = draft_chooser
+    drafter.chooser = _draft_chooser(prefix_free(logits_processor), do_sample)
 
     if speculative_streamer is not None:
         speculative_streamer.put(input_ids.cpu())
@@ -150,73 +107,74 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     mask = model_kwargs.get("attention_mask")
     mask = mask if mask is not None else torch.ones_like(input_ids)
     positions = model_kwargs.get("position_ids")
-    positions = positions if positions is not None else positions_from_mask(mask)
-    out = model(input_ids=input_ids, attention_mask=mask_or_none(mask), position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1)
-    scores = score_positions(logits_processor, out.logits[:, -1:], [rows.prefix(r) for r in range(batch)],
-                             input_ids.new_zeros(batch, 0))
+    layout = SlotLayout(input_ids, mask, positions if positions is not None else positions_from_mask(mask))
+    logits = model(input_ids=input_ids, attention_mask=mask_or_none(mask), position_ids=layout.positions,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits
+    scores = score_positions(logits_processor, logits[:, -1:], rows.prefixes(), input_ids.new_zeros(batch, 0))
     first, _ = choose(scores[:, 0], do_sample)
     _emit(rows, first[:, None].tolist(), speculative_streamer)
-    slots = torch.cat([input_ids, first[:, None]], dim=1)
-    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-    # Like generate, every new token's position is one past the previous token's (its last real one).
-    positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+    layout.append_pending(first)
 
     while not all(rows.done):
-        remaining = max(rows.max_length - rows.lengths[r] for r in range(batch) if not rows.done[r])
-        drafter.num_tokens = max(1, min(policy.current, remaining - 1))
+        drafter.num_tokens = max(1, min(policy.current, rows.remaining() - 1))
         t0 = time.perf_counter()
-        candidates, draft_probs = drafter.get_candidates(slots, attention_mask=mask, position_ids=positions)
-        drafts = candidates[:, slots.shape[1] :]
-        k = drafts.shape[1]
+        candidates, draft_probs = drafter.get_candidates(layout.tokens, attention_mask=layout.mask,
+                                                         position_ids=layout.positions)
+        drafts = candidates[:, layout.tokens.shape[1] :]
         t1 = time.perf_counter()
-        verify_mask = torch.cat([mask, mask.new_ones(batch, k)], dim=1)
-        logits = model(
-            input_ids=torch.cat([slots[:, -1:], drafts], dim=1),
-            attention_mask=mask_or_none(verify_mask),
-            position_ids=positions[:, -1:] + torch.arange(k + 1, device=positions.device),
-            cache=cache,
-            use_cache=True,
-        ).logits
-        scores = score_positions(logits_processor, logits, [rows.prefix(r) for r in range(batch)], drafts)
+        ids, verify_mask, verify_positions = layout.verification(drafts)
+        logits = model(input_ids=ids, attention_mask=mask_or_none(verify_mask), position_ids=verify_positions,
+                       cache=cache, use_cache=True).logits
+        scores = score_positions(logits_processor, logits, rows.prefixes(), drafts)
         if do_sample:
             accepted, next_token = rejection_sample(drafts, draft_probs, scores.softmax(-1))
         else:
             accepted, next_token = greedy_accept(drafts, scores)
-        active = torch.tensor([not d for d in rows.done], device=accepted.device)
+        live = [not done for done in rows.done]
         accepted_list, next_list, draft_list = accepted.tolist(), next_token.tolist(), drafts.tolist()
         t2 = time.perf_counter()
 
-        longest = max(n for n, live in zip(accepted_list, active.tolist()) if live)
         emitted = [draft_list[r][: accepted_list[r]] + [next_list[r]] for r in range(batch)]
-        stats.drafted += k * int(active.sum())
-        stats.accepted += int(accepted[active].sum())
-        stats.emitted += sum(len(e) for e, live in zip(emitted, active.tolist()) if live)
-        stats.target_forwards += 1
-        stats.draft_lengths.append(k)
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        policy.update(accepted[active], k, t1 - t0, t2 - t1)
+        stats.record_step(
+            drafted=drafts.shape[1],
+            accepted=[n for n, alive in zip(accepted_list, live) if alive],
+            emitted=sum(len(e) for e, alive in zip(emitted, live) if alive),
+            draft_seconds=t1 - t0,
+            verify_seconds=t2 - t1,
+        )
+        policy.update(accepted[torch.tensor(live, device=accepted.device)], drafts.shape[1], t1 - t0, t2 - t1)
         _emit(rows, emitted, speculative_streamer)
-
-        hole_free = torch.arange(longest, device=mask.device)[None] < accepted[:, None]
-        slots = torch.cat([slots, drafts[:, :longest], next_token[:, None]], dim=1)
-        mask = torch.cat([mask, hole_free.to(mask.dtype), mask.new_ones(batch, 1)], dim=1)
-        step_positions = positions[:, -1:] + 1 + torch.arange(longest, device=positions.device)
-        positions = torch.cat([positions, step_positions, positions[:, -1:] + 1 + accepted[:, None]], dim=1)
-        crop_to(cache, slots.shape[1] - 1)
-        drafter.update_candidate_strategy(slots, scores, accepted)
+        layout.accept(drafts, accepted, next_token, max(n for n, alive in zip(accepted_list, live) if alive))
+        crop_to(cache, layout.cached)
+        drafter.update_candidate_strategy(layout.tokens, scores, accepted)
 
     if speculative_streamer is not None:
         speculative_streamer.end()
     stats.total_seconds = time.perf_counter() - started
     sequences = rows.sequences()
     if generation_config.return_dict_in_generate:
-        return SpeculativeGenerateOutput(sequences=sequences, cache=cache, speculative_stats=stats.as_dict())
+        # A batch's cache has holes (masked slots) that only this loop's mask knows about: not reusable outside.
+        reusable = cache if batch == 1 else None
+        return SpeculativeGenerateOutput(sequences=sequences, cache=reusable, speculative_stats=stats.as_dict())
     return sequences
 
 
-def _emit(rows: _Rows, new_tokens: list[list[int]], streamer) -> None:
+def _draft_chooser(processors, do_sample: bool):
+    """How the draft picks tokens: argmax, or a sample after the prefix-free warpers (temperature, top-k/p).
+
+    Any proposal law keeps sampling exact as long as verification uses it, so the draft skips the prefix-dependent
+    processors (their per-row calls would cost more than they gain in acceptance).
+    """
+
+    def chooser(logits: torch.Tensor):
+        if not do_sample:
+            return logits.argmax(dim=-1), None
+        return choose(processors(logits.new_zeros(logits.shape[0], 1, dtype=torch.long), logits.float()), True)
+
+    return chooser
+
+
+def _emit(rows: OutputRows, new_tokens: list[list[int]], streamer) -> None:
     """Append each row's new tokens and stream what was kept (streamers take batch 1)."""
     for row, tokens in enumerate(new_tokens):
         kept = rows.append(row, tokens) if not rows.done[row] else []

@@ -24,6 +24,18 @@ class SpeculativeStats:
     total_seconds: float = 0.0
     draft_lengths: list[int] = field(default_factory=list)
 
+    def record_step(
+        self, drafted: int, accepted: list[int], emitted: int, draft_seconds: float, verify_seconds: float
+    ) -> None:
+        """Count one verification step: ``drafted`` tokens for each live row, their ``accepted`` counts."""
+        self.drafted += drafted * len(accepted)
+        self.accepted += sum(accepted)
+        self.emitted += emitted
+        self.target_forwards += 1
+        self.draft_lengths.append(drafted)
+        self.draft_seconds += draft_seconds
+        self.verify_seconds += verify_seconds
+
     @property
     def acceptance_rate(self) -> float:
         """Accepted over drafted tokens."""
