@@ -156,9 +156,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    parser.add_argument("--kinds", nargs="+", default=["prose", "code"])
+    parser.add_argument("--kinds", nargs="*", default=["prose", "code"], help="single-prompt settings (none: skip)")
     parser.add_argument("--batch", type=int, default=8, help="rows of the batched setting (0 skips it)")
-    parser.add_argument("--batch-methods", nargs="+", default=["plain", "ours-0.5b-int4"], choices=METHODS)
+    parser.add_argument("--batch-methods", nargs="+", default=["plain", "plain-fastlinear", "ours-0.5b-int4"],
+                        choices=METHODS)
+    parser.add_argument("--batch-threads", type=int, nargs="+", default=[1])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -178,9 +180,10 @@ def main() -> None:
         tokenizer.padding_side = "left"
         docs = [tokenizer.decode(t[0]) for kind in ("prose", "code") for t in texts[kind]][: args.batch]
         batch = tokenizer(docs, return_tensors="pt", padding=True)
-        with pinned_threads(args.threads[0]):
-            rows += run_setting(target, drafts, args.batch_methods, batch.input_ids, batch.attention_mask,
-                                args.new_tokens, f"batch{args.batch} {args.threads[0]}t")
+        for threads in args.batch_threads:
+            with pinned_threads(threads):
+                rows += run_setting(target, drafts, args.batch_methods, batch.input_ids, batch.attention_mask,
+                                    args.new_tokens, f"batch{args.batch} {threads}t")
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / f"speculative_cpu-{datetime.date.today()}-{machine_name()}.json"
     out.write_text(json.dumps({"date": str(datetime.date.today()), "machine": machine_name(),

@@ -116,17 +116,24 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     layout.append_pending(first)
 
     while not all(rows.done):
-        drafter.num_tokens = max(1, min(policy.current, rows.remaining() - 1))
+        k = min(policy.current, rows.remaining() - 1)
         t0 = time.perf_counter()
-        candidates, draft_probs = drafter.get_candidates(layout.tokens, attention_mask=layout.mask,
-                                                         position_ids=layout.positions)
-        drafts = candidates[:, layout.tokens.shape[1] :]
+        if k > 0:
+            drafter.num_tokens = k
+            candidates, draft_probs = drafter.get_candidates(layout.tokens, attention_mask=layout.mask,
+                                                             position_ids=layout.positions)
+            drafts = candidates[:, layout.tokens.shape[1] :]
+        else:  # drafting does not pay now (or one token is left): a plain step
+            drafts, draft_probs = layout.tokens.new_zeros(batch, 0), None
         t1 = time.perf_counter()
         ids, verify_mask, verify_positions = layout.verification(drafts)
         logits = model(input_ids=ids, attention_mask=mask_or_none(verify_mask), position_ids=verify_positions,
                        cache=cache, use_cache=True).logits
         scores = score_positions(logits_processor, logits, rows.prefixes(), drafts)
-        if do_sample:
+        if k == 0:
+            next_token = choose(scores[:, 0], do_sample)[0]
+            accepted = torch.zeros_like(next_token)
+        elif do_sample:
             accepted, next_token = rejection_sample(drafts, draft_probs, scores.softmax(-1))
         else:
             accepted, next_token = greedy_accept(drafts, scores)

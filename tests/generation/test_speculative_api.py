@@ -38,7 +38,7 @@ def test_stats_are_returned_with_return_dict_and_add_up(pair):
     out = target.generate(_ids(batch=3), assistant_model=draft, max_new_tokens=20, do_sample=False,
                           return_dict_in_generate=True, speculative_config=SpeculativeConfig(num_draft_tokens=3))
     stats = out.speculative_stats
-    assert set(stats["draft_lengths"]) <= {3, 2, 1}  # 3, shortened only near max_new_tokens
+    assert set(stats["draft_lengths"]) <= {3, 2, 1, 0}  # 3, shortened only near max_new_tokens
     assert stats["accepted"] <= stats["drafted"]
     assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
     assert stats["tokens_per_target_forward"] == pytest.approx(stats["emitted"] / (3 * stats["target_forwards"]))

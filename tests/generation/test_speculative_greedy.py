@@ -64,7 +64,8 @@ def test_batch_rows_equal_plain_batched_greedy(arch, group_size):
         ids[row, :pad] = 0
     plain = target.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     out = target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=30, do_sample=False,
-                          speculative_config=SpeculativeConfig(layer_parallel_group_size=group_size),
+                          speculative_config=SpeculativeConfig(num_draft_tokens=3,
+                                                               layer_parallel_group_size=group_size),
                           return_dict_in_generate=True)
     assert out.sequences.shape == plain.shape
     for row in range(ids.shape[0]):
