@@ -124,13 +124,17 @@ def test_layer_parallel_drafting_rejects_unsupported_families():
 
 
 def test_best_draft_length_grows_with_acceptance_and_shrinks_with_costs():
-    # (acceptance, v0, v1, d0, d1): a 1 s verification, draft tokens of 0.1 s.
-    assert best_draft_length(0.3, 1.0, 0.0, 0.0, 0.1, 12) < best_draft_length(0.9, 1.0, 0.0, 0.0, 0.1, 12)
-    assert best_draft_length(0.8, 1.0, 0.0, 0.0, 0.5, 12) < best_draft_length(0.8, 1.0, 0.0, 0.0, 0.05, 12)
-    assert best_draft_length(0.8, 1.0, 0.4, 0.0, 0.05, 12) < best_draft_length(0.8, 1.0, 0.0, 0.0, 0.05, 12)
-    assert best_draft_length(0.999, 1.0, 0.0, 0.0, 0.0, 12) == 12
-    # When every extra verified position costs nearly a whole step, plain decoding wins.
-    assert best_draft_length(0.5, 1.0, 0.9, 0.3, 0.2, 12) == 0
+    # (acceptance, plain, v0, v1, d): 1 s steps, draft tokens of 0.1 s.
+    assert best_draft_length(0.3, 1.0, 1.0, 0.0, 0.1, 12) < best_draft_length(0.9, 1.0, 1.0, 0.0, 0.1, 12)
+    assert best_draft_length(0.8, 1.0, 1.0, 0.0, 0.5, 12) < best_draft_length(0.8, 1.0, 1.0, 0.0, 0.05, 12)
+    assert best_draft_length(0.8, 1.0, 1.0, 0.4, 0.05, 12) < best_draft_length(0.8, 1.0, 1.0, 0.0, 0.05, 12)
+    assert best_draft_length(0.999, 1.0, 1.0, 0.0, 0.0, 12) == 12
+    # When every extra verified position costs nearly a whole step, plain decoding wins ...
+    assert best_draft_length(0.5, 1.0, 1.0, 0.9, 0.2, 12) == 0
+    # ... but only by the margin asked for, and a cheaper plain step tips the balance sooner.
+    assert best_draft_length(0.5, 1.0, 1.0, 0.9, 0.2, 12, plain_margin=10.0) == 1
+    assert best_draft_length(0.6, 1.0, 1.0, 0.0, 0.2, 12) > 0
+    assert best_draft_length(0.6, 0.5, 1.0, 0.0, 0.2, 12) == 0
 
 
 def test_adaptive_policy_follows_observed_acceptance_and_fixed_policy_stays():
@@ -148,13 +152,14 @@ def test_adaptive_policy_follows_observed_acceptance_and_fixed_policy_stays():
 
 def test_step_costs_are_fitted_and_plain_steps_explore_again():
     policy = DraftLengthPolicy(initial=4, maximum=12, explore_every=3)
+    policy.update(torch.tensor([0]), drafted=4, draft_seconds=9.0, verify_seconds=3.0)  # the draft's prefill
+    assert policy.current == 4
     for k in (2, 6, 2, 6):
-        policy.update(torch.tensor([0]), drafted=k, draft_seconds=0.2 + 0.05 * k, verify_seconds=1.0 + 0.5 * k)
-    verify0, verify1, draft0, draft1 = policy.step_cost()
-    assert (verify0, verify1, draft0, draft1) == pytest.approx((1.0, 0.5, 0.2, 0.05))
+        policy.update(torch.tensor([0]), drafted=k, draft_seconds=0.05 * k, verify_seconds=1.0 + 0.5 * k)
+    assert policy.step_cost() == pytest.approx((1.0, 1.0, 0.5, 0.05))
     assert policy.current == 0  # nothing accepted and costly verification: plain steps
-    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=1.0)
-    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=1.0)
-    assert policy.current == 0
-    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=1.0)
+    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=0.8)
+    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=0.8)
+    assert policy.current == 0 and policy.step_cost()[:2] == pytest.approx((0.8, 1.0))  # measured plain steps
+    policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=0.8)
     assert policy.current == 1  # the third plain step in a row tries drafting again
