@@ -24,7 +24,7 @@ def _prompts(tokenizer, count: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("draft_kwargs", "min_acceptance"),
     # Skipping layers without training leaves a weak draft (SmolLM2: ~4% accepted); only losslessness is asserted.
-    [(dict(bits=4), 0.4), (dict(bits=None, layers=20), 0.0)],
+    [(dict(bits=4), 0.3), (dict(bits=None, layers=20), 0.0)],
     ids=["int4-self-draft", "layer-skip-20-of-30"],
 )
 def test_greedy_identity_with_self_drafts(smollm2, draft_kwargs, min_acceptance):
@@ -34,7 +34,7 @@ def test_greedy_identity_with_self_drafts(smollm2, draft_kwargs, min_acceptance)
     for ids in _prompts(tokenizer, 6):
         plain = model.generate(ids, max_new_tokens=32, do_sample=False)
         out = model.generate(ids, assistant_model=draft, max_new_tokens=32, do_sample=False,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, speculative_config=SpeculativeConfig(num_draft_tokens=3))
         assert torch.equal(out.sequences, plain)
         accepted += out.speculative_stats["accepted"]
         drafted += out.speculative_stats["drafted"]

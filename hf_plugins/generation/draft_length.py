@@ -22,7 +22,8 @@ class DraftLengthPolicy:
     - ``v0`` is the fit's intercept; a plain step's time ``p`` is measured separately (one verified position often
       takes another, faster kernel path than two or more), and taken as ``v0`` until a plain step was seen.
 
-    Plain steps are chosen only when they beat every ``k >= 1`` by ``PLAIN_MARGIN``, and
+    One plain step after ``PROBE_PLAIN_AFTER`` drafting steps measures ``p``. Plain steps are chosen only when
+    they beat every ``k >= 1`` by ``PLAIN_MARGIN`` (large batches on CPUs, weak drafts), and
     after ``explore_every`` of them ``k = 1`` is tried again to follow the acceptance rate. ``a`` is the
     maximum-likelihood estimate of a truncated geometric law from exponentially decayed counts of accepted and
     rejected drafts. ``fixed`` pins ``k``.
@@ -30,6 +31,7 @@ class DraftLengthPolicy:
 
     MIN_SPREAD = 2
     PLAIN_MARGIN = 1.1
+    PROBE_PLAIN_AFTER = 2  # drafting steps before one plain step measures ``p``
 
     def __init__(self, initial: int = 4, maximum: int = 12, fixed: int | None = None, decay: float = 0.8,
                  history: int = 32, explore_every: int = 8) -> None:
@@ -73,6 +75,8 @@ class DraftLengthPolicy:
         self.current = best_draft_length(self.acceptance_rate, *self.step_cost(), self.maximum, self.PLAIN_MARGIN)
         if self.current == 0 and self._plain_run >= self.explore_every:
             self.current = 1
+        if not self._plain and len(self._drafting) == self.PROBE_PLAIN_AFTER:
+            self.current = 0
 
     def step_cost(self) -> tuple[float, float, float, float]:
         """``(p, v0, v1, d)``: a plain step's seconds (``v0`` until one was measured), verification ``v0 + v1 k``
