@@ -52,3 +52,18 @@ def test_batched_identity_with_layer_parallel_drafting(smollm2):
         out = model.generate(**batch, assistant_model=draft, max_new_tokens=24, do_sample=False,
                              speculative_config=SpeculativeConfig(layer_parallel_group_size=group))
         assert torch.equal(out, plain), f"layer_parallel_group_size={group}"
+
+
+def test_stop_strings_stop_each_row_like_plain_generate(smollm2):
+    model, tokenizer = smollm2
+    draft = hf_plugins.self_draft(model, bits=4)
+    tokenizer.padding_side = "left"
+    batch = tokenizer([doc[:200] for doc in load_text("code", "evaluation")[:2]], return_tensors="pt", padding=True)
+    plain_full = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    width = batch.input_ids.shape[1]
+    stop = tokenizer.decode(plain_full[0, width + 6 : width + 8])  # text row 0 produces mid-way
+    kwargs = dict(max_new_tokens=24, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    plain = model.generate(**batch, **kwargs)
+    out = model.generate(**batch, assistant_model=draft, **kwargs)
+    assert torch.equal(out, plain)
+    assert plain.shape[1] < plain_full.shape[1] or (plain[0, width + 8 :] == tokenizer.pad_token_id).all()

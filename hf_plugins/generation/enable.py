@@ -8,6 +8,7 @@ other call goes to the class's ``generate`` untouched. Models carrying our quant
 
 from __future__ import annotations
 
+import copy
 import logging
 import types
 
@@ -79,6 +80,7 @@ def _speculative_generate_entry(self, *args, assistant_model=None, speculative_c
     num_beams = kwargs.get("num_beams") or 1
     if num_beams > 1:
         raise ValueError(f"Speculative decoding verifies one sequence per row; got num_beams={num_beams}. Use num_beams=1.")
+    _stop_strings_as_criteria(self, kwargs)
     return class_generate(
         self,
         *args,
@@ -88,6 +90,26 @@ def _speculative_generate_entry(self, *args, assistant_model=None, speculative_c
         speculative_streamer=kwargs.pop("streamer", None),
         **kwargs,
     )
+
+
+def _stop_strings_as_criteria(model: PreTrainedModel, kwargs: dict) -> None:
+    """Turn ``stop_strings=`` + ``tokenizer=`` into a stopping criterion: transformers hands a ``custom_generate``
+    callable no tokenizer, so it could not build that criterion itself."""
+    stop_strings = kwargs.get("stop_strings") or getattr(kwargs.get("generation_config"), "stop_strings", None)
+    if not stop_strings:
+        return
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= too (to match strings across token boundaries).")
+    from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
+
+    criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    criteria.append(StopStringCriteria(tokenizer, stop_strings))
+    kwargs["stopping_criteria"] = criteria
+    kwargs.pop("stop_strings", None)
+    if kwargs.get("generation_config") is not None and kwargs["generation_config"].stop_strings:
+        kwargs["generation_config"] = copy.copy(kwargs["generation_config"])
+        kwargs["generation_config"].stop_strings = None
 
 
 def _same_tokenizer(target: PreTrainedModel, draft: PreTrainedModel, kwargs: dict) -> bool:

@@ -151,3 +151,9 @@ def test_speculative_metrics_aggregate_runs_like_an_evaluate_metric(pair):
         summarize_speculative([])
     with pytest.raises(ValueError, match="speculative stats lack"):
         speculative_fields({"drafted": 1})
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="stop_strings needs tokenizer= too"):
+        target.generate(_ids(), assistant_model=draft, max_new_tokens=5, stop_strings=["x"])

@@ -142,3 +142,4 @@ def test_quantized_target_with_its_own_layer_skip_draft_is_lossless():
     ids = torch.randint(3, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(4))
     plain = target.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False), plain)
+
