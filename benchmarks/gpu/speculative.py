@@ -131,7 +131,6 @@ def main() -> None:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.float16
-    from hf_plugins.assets import model_path  # noqa: F401  (import check only)
     from hf_plugins.assets._store import cache_dir
 
     have_cache = (cache_dir() / "models" / "qwen2.5-coder-1.5b").is_dir()

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-
 from ..kernels.dense_linear import FastLinear
 from .acceptance import greedy_accept, rejection_sample
 from .cache_ops import check_croppable, crop_to, mask_or_none, positions_from_mask
