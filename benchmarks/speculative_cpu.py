@@ -36,7 +36,7 @@ import hf_plugins  # noqa: E402
 from _timing import machine_name, pinned_threads  # noqa: E402
 from hf_plugins import SpeculativeConfig  # noqa: E402
 from hf_plugins.assets import load_model, load_text  # noqa: E402
-from hf_plugins.kernels.dense_linear import use_fast_linears  # noqa: E402
+from hf_plugins.kernels.dense_linear import fast_linears  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS = 192
@@ -91,11 +91,8 @@ def generate(target, method, drafts, input_ids, attention_mask, new_tokens):
         if method == "plain":
             out, stats = target.generate(input_ids, **kwargs), None
         elif method == "plain-fastlinear":
-            use_fast_linears(target)
-            try:
+            with fast_linears(target):
                 out, stats = target.generate(input_ids, **kwargs), None
-            finally:
-                use_fast_linears(target, enable=False)
         elif method == "transformers":
             hf_plugins.disable_speculative(target)
             try:

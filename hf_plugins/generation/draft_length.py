@@ -46,7 +46,7 @@ class DraftLengthPolicy:
         self._accepted = 0.0
         self._rejected = 0.0
         self._drafting: deque[tuple[int, float, float]] = deque(maxlen=history)
-        self._draft_prefill: tuple[int, float] | None = None  # the first step: the draft's prefill, not a sample
+        self._prefill_seen = False  # the first drafting step runs the draft's prefill: not a cost sample
         self._plain: deque[float] = deque(maxlen=history)
         self.explore_every = explore_every
         self._plain_run = 0
@@ -65,8 +65,8 @@ class DraftLengthPolicy:
             self._plain.append(verify_seconds)
             self._plain_run += 1
         else:
-            if self._draft_prefill is None:
-                self._draft_prefill = (drafted, draft_seconds)
+            if not self._prefill_seen:
+                self._prefill_seen = True
             else:
                 self._drafting.append((drafted, draft_seconds, verify_seconds))
             self._plain_run = 0

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 # Decoder families whose layers are: input_layernorm -> self_attn(q/k/v/o_proj, RoPE) -> residual ->
-# post_attention_layernorm -> mlp -> residual, with an unscaled embedding.
+# post_attention_layernorm -> mlp -> residual, with an unscaled embedding and Llama's RoPE (Mistral, Qwen2 and Qwen3
+# copy Llama's apply_rotary_pos_emb).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -103,7 +105,8 @@ class LayerParallelDraft:
         key = key.view(size, batch, length, -1, head_dim).transpose(2, 3)
         value = value.view(size, batch, length, -1, head_dim).transpose(2, 3)
         query, key = self._head_norms(group, query, key)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        # cos/sin [batch, len, head_dim] -> [batch, 1, len, head_dim] broadcast over [G, batch, heads, len, head_dim].
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
         keys, values = [], []
         for index, layer in enumerate(group):
             k_all, v_all = cache.update(key[index], value[index], layer.self_attn.layer_idx)
@@ -132,14 +135,6 @@ class LayerParallelDraft:
         query = torch.stack([layer.self_attn.q_norm(query[i]) for i, layer in enumerate(group)])
         key = torch.stack([layer.self_attn.k_norm(key[i]) for i, layer in enumerate(group)])
         return query, key
-
-
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``[G, batch, heads, len, head_dim]`` with ``cos``/``sin`` ``[batch, len, head_dim]``."""
-    cos, sin = cos[None, :, None].to(states.dtype), sin[None, :, None].to(states.dtype)
-    half = states.shape[-1] // 2
-    rotated = torch.cat([-states[..., half:], states[..., :half]], dim=-1)
-    return states * cos + rotated * sin
 
 
 _CACHE_ATTR = "_hf_plugins_layer_parallel"

@@ -7,17 +7,15 @@ drafts with a ``DraftModelCandidates``, verifies all rows in one target forward 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..kernels.dense_linear import FastLinear
+from ..kernels.dense_linear import fast_linears
 from .acceptance import greedy_accept, rejection_sample
 from .cache_ops import check_croppable, crop_to, mask_or_none, positions_from_mask
 from .config import SpeculativeConfig
@@ -27,23 +25,6 @@ from .rows import OutputRows
 from .scoring import choose, prefix_free, score_positions
 from .slots import SlotLayout
 from .stats import SpeculativeStats
-
-
-@contextlib.contextmanager
-def fast_linears_during(*models, enabled: bool):
-    """Route the models' plain ``nn.Linear`` layers through the oneDNN CPU path for the block, then restore them.
-
-    Verification multiplies ``k + 1`` rows per layer, where oneDNN is 1.8x faster than MKL's ``F.linear`` on the
-    development CPU (see ``kernels/dense_linear/cpu.py``); plain ``generate`` calls stay on the stock kernels.
-    """
-    switched = [m for model in models if enabled for m in model.modules() if type(m) is nn.Linear]
-    for module in switched:
-        module.__class__ = FastLinear
-    try:
-        yield
-    finally:
-        for module in switched:
-            module.__class__ = nn.Linear
 
 
 @dataclass
@@ -71,8 +52,10 @@ def speculative_generate(
     whose ``cache`` is the target cache for batch 1 (None for batches, whose cache holds masked holes).
     """
     config = speculative_config or SpeculativeConfig()
+    # Verification multiplies k + 1 rows per layer, where oneDNN beats MKL's F.linear 1.8x on the development CPU
+    # (kernels/dense_linear/cpu.py); plain generate calls keep the stock kernels.
     on_cpu = model.device.type == "cpu" and config.fast_cpu_linears
-    with fast_linears_during(model, speculative_draft, enabled=on_cpu):
+    with fast_linears(model, speculative_draft, enabled=on_cpu):
         return _speculative_loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                  speculative_draft, config, speculative_streamer, model_kwargs)
 

@@ -9,6 +9,7 @@ from hf_plugins.kernels.dense_linear import (
     dense_linear,
     dense_linear_cpu,
     dense_linear_reference,
+    fast_linears,
     use_fast_linears,
 )
 from hf_plugins.kernels.dense_linear.cpu import onednn_linear_available
@@ -51,3 +52,13 @@ def test_fast_linears_keep_parameters_state_dict_and_gradients():
     assert model[0].weight.grad is not None
     assert model.state_dict().keys() == state.keys()
     assert use_fast_linears(model, enable=False) == 2 and type(model[0]) is nn.Linear
+
+
+def test_fast_linears_block_switches_back_only_what_it_switched():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    use_fast_linears(model[1])  # switched by the user before: stays switched
+    with fast_linears(model):
+        assert type(model[0]) is FastLinear and type(model[1]) is FastLinear
+    assert type(model[0]) is nn.Linear and type(model[1]) is FastLinear
+    with fast_linears(model, enabled=False):
+        assert type(model[0]) is nn.Linear

@@ -6,6 +6,9 @@ Backends: ``reference`` (float64 oracle), ``cpu`` (oneDNN, :mod:`.cpu`) and, on 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +17,14 @@ from .._dispatch import choose_backend
 from .cpu import SUPPORTED_DTYPES, dense_linear_cpu, onednn_linear_available
 from .reference import dense_linear_reference
 
-__all__ = ["FastLinear", "dense_linear", "dense_linear_cpu", "dense_linear_reference", "use_fast_linears"]
+__all__ = [
+    "FastLinear",
+    "dense_linear",
+    "dense_linear_cpu",
+    "dense_linear_reference",
+    "fast_linears",
+    "use_fast_linears",
+]
 
 
 def dense_linear(
@@ -46,6 +56,14 @@ class FastLinear(nn.Linear):
         return dense_linear(x, self.weight, self.bias)
 
 
+def _switch(models, source: type, target: type) -> list[nn.Module]:
+    """Give every module of exactly class ``source`` in ``models`` the class ``target``; the modules switched."""
+    switched = [m for model in models for m in model.modules() if type(m) is source]
+    for module in switched:
+        module.__class__ = target
+    return switched
+
+
 def use_fast_linears(model: nn.Module, enable: bool = True) -> int:
     """Switch every plain ``nn.Linear`` of ``model`` to :class:`FastLinear` in place (or back with ``enable=False``).
 
@@ -53,9 +71,15 @@ def use_fast_linears(model: nn.Module, enable: bool = True) -> int:
     weight tying are unaffected. Returns the number of modules switched.
     """
     source, target = (nn.Linear, FastLinear) if enable else (FastLinear, nn.Linear)
-    switched = 0
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-            switched += 1
-    return switched
+    return len(_switch([model], source, target))
+
+
+@contextlib.contextmanager
+def fast_linears(*models: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """:func:`use_fast_linears` on ``models`` for the block; exactly the modules it switched are switched back."""
+    switched = _switch(models, nn.Linear, FastLinear) if enabled else []
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.__class__ = nn.Linear
