@@ -15,7 +15,7 @@ from pathlib import Path
 SPECULATIVE_METRIC_PATH = str(Path(__file__).with_name("speculative_metric.py"))
 """Path of the ``evaluate`` metric script: ``evaluate.load(SPECULATIVE_METRIC_PATH)`` needs no hub."""
 
-COUNT_FIELDS = ("drafted", "accepted", "emitted", "rows", "target_forwards")
+COUNT_FIELDS = ("drafted", "accepted", "emitted", "rows", "target_forwards", "row_forwards")
 TIME_FIELDS = ("draft_seconds", "verify_seconds", "total_seconds")
 
 
@@ -33,7 +33,7 @@ def summarize_speculative(runs: Iterable[Mapping]) -> dict:
     if not runs:
         raise ValueError("nothing to compute: add the speculative_stats of at least one generate call first.")
     total = {name: sum(run[name] for run in runs) for name in COUNT_FIELDS + TIME_FIELDS}
-    row_forwards = sum(run["target_forwards"] * run["rows"] for run in runs)
+    row_forwards = total["row_forwards"]
     return {
         "acceptance_rate": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
         "tokens_per_target_forward": total["emitted"] / row_forwards if row_forwards else 0.0,

@@ -13,6 +13,11 @@ def crop_to(cache: Cache, length: int) -> None:
         cache.crop(-excess)
 
 
+def can_select_rows(cache: Cache) -> bool:
+    """Whether every layer of ``cache`` can drop batch rows (``batch_select_indices``)."""
+    return all(hasattr(layer, "batch_select_indices") for layer in getattr(cache, "layers", [None]))
+
+
 def check_croppable(cache: Cache, who: str) -> None:
     """ValueError unless every layer of ``cache`` can be cropped (speculation rolls rejected tokens back)."""
     stuck = [type(layer).__name__ for layer in getattr(cache, "layers", []) if not getattr(layer, "is_croppable", True)]

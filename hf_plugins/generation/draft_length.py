@@ -78,6 +78,17 @@ class DraftLengthPolicy:
         if not self._plain and len(self._drafting) == self.PROBE_PLAIN_AFTER:
             self.current = 0
 
+    def reset_costs(self) -> None:
+        """Forget the measured step times (the batch shrank, so they no longer hold); keep the acceptance rate.
+
+        Drafting resumes with the current length (1 after plain steps) and a plain step is probed again.
+        """
+        self._drafting.clear()
+        self._plain.clear()
+        self._plain_run = 0
+        if self.fixed is None:
+            self.current = max(self.current, 1)
+
     def step_cost(self) -> tuple[float, float, float, float]:
         """``(p, v0, v1, d)``: a plain step's seconds (``v0`` until one was measured), verification ``v0 + v1 k``
         seconds and drafting ``d`` seconds per token."""

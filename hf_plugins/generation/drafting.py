@@ -87,6 +87,10 @@ class DraftModelCandidates(CandidateGenerator):
         """
         self._exact_slots = min(self._exact_slots, input_ids.shape[1] - 1)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the draft cache's ``rows [n]`` (the target dropped its finished rows)."""
+        self.cache.batch_select_indices(rows)
+
     def _forward(self, new_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, exact: bool) -> torch.Tensor:
         """Run the draft on the last ``new_ids.shape[1]`` slots of ``mask``; ``[batch, vocab]`` last logits."""
         if not exact:

@@ -17,7 +17,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..kernels.dense_linear import fast_linears
 from .acceptance import greedy_accept, rejection_sample
-from .cache_ops import check_croppable, crop_to, mask_or_none, positions_from_mask
+from .cache_ops import can_select_rows, check_croppable, crop_to, mask_or_none, positions_from_mask
 from .config import SpeculativeConfig
 from .draft_length import DraftLengthPolicy
 from .drafting import DraftModelCandidates
@@ -92,11 +92,15 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     layout = SlotLayout(input_ids, mask, positions if positions is not None else positions_from_mask(mask))
     logits = model(input_ids=input_ids, attention_mask=mask_or_none(mask), position_ids=layout.positions,
                    cache=cache, use_cache=True, logits_to_keep=1).logits
-    scores = score_positions(logits_processor, logits[:, -1:], rows.prefixes(), input_ids.new_zeros(batch, 0))
+    scores = score_positions(logits_processor, logits[:, -1:], rows.prefixes(range(batch)), input_ids.new_zeros(batch, 0))
     first, _ = choose(scores[:, 0], do_sample)
-    _emit(rows, first[:, None].tolist(), speculative_streamer)
+    _emit(rows, range(batch), first[:, None].tolist(), speculative_streamer)
     layout.append_pending(first)
 
+    # Rows that finish leave the batch (their cache rows too): speculative rows finish at different steps, and
+    # verifying finished rows would cost as much as live ones. ``active`` maps batch positions to output rows.
+    active = list(range(batch))
+    drop_finished = can_select_rows(cache) and can_select_rows(drafter.cache)
     while not all(rows.done):
         k = min(policy.current, rows.remaining() - 1)
         t0 = time.perf_counter()
@@ -106,12 +110,12 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
                                                              position_ids=layout.positions)
             drafts = candidates[:, layout.tokens.shape[1] :]
         else:  # drafting does not pay now (or one token is left): a plain step
-            drafts, draft_probs = layout.tokens.new_zeros(batch, 0), None
+            drafts, draft_probs = layout.tokens.new_zeros(layout.batch, 0), None
         t1 = time.perf_counter()
         ids, verify_mask, verify_positions = layout.verification(drafts)
         logits = model(input_ids=ids, attention_mask=mask_or_none(verify_mask), position_ids=verify_positions,
                        cache=cache, use_cache=True).logits
-        scores = score_positions(logits_processor, logits, rows.prefixes(), drafts)
+        scores = score_positions(logits_processor, logits, rows.prefixes(active), drafts)
         if k == 0:
             next_token = choose(scores[:, 0], do_sample)[0]
             accepted = torch.zeros_like(next_token)
@@ -119,11 +123,11 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
             accepted, next_token = rejection_sample(drafts, draft_probs, scores.softmax(-1))
         else:
             accepted, next_token = greedy_accept(drafts, scores)
-        live = [not done for done in rows.done]
+        live = [not rows.done[row] for row in active]
         accepted_list, next_list, draft_list = accepted.tolist(), next_token.tolist(), drafts.tolist()
         t2 = time.perf_counter()
 
-        emitted = [draft_list[r][: accepted_list[r]] + [next_list[r]] for r in range(batch)]
+        emitted = [draft_list[i][: accepted_list[i]] + [next_list[i]] for i in range(len(active))]
         stats.record_step(
             drafted=drafts.shape[1],
             accepted=[n for n, alive in zip(accepted_list, live) if alive],
@@ -132,10 +136,18 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
             verify_seconds=t2 - t1,
         )
         policy.update(accepted[torch.tensor(live, device=accepted.device)], drafts.shape[1], t1 - t0, t2 - t1)
-        _emit(rows, emitted, speculative_streamer)
+        _emit(rows, active, emitted, speculative_streamer)
         layout.accept(drafts, accepted, next_token, max(n for n, alive in zip(accepted_list, live) if alive))
         crop_to(cache, layout.cached)
         drafter.update_candidate_strategy(layout.tokens, scores, accepted)
+        keep = [i for i, row in enumerate(active) if not rows.done[row]]
+        if drop_finished and 0 < len(keep) < len(active):
+            kept = torch.tensor(keep, device=layout.tokens.device)
+            layout.select(kept)
+            cache.batch_select_indices(kept)
+            drafter.select_rows(kept)
+            active = [active[i] for i in keep]
+            policy.reset_costs()
 
     if speculative_streamer is not None:
         speculative_streamer.end()
@@ -163,9 +175,9 @@ def _draft_chooser(processors, do_sample: bool):
     return chooser
 
 
-def _emit(rows: OutputRows, new_tokens: list[list[int]], streamer) -> None:
-    """Append each row's new tokens and stream what was kept (streamers take batch 1)."""
-    for row, tokens in enumerate(new_tokens):
+def _emit(rows: OutputRows, active, new_tokens: list[list[int]], streamer) -> None:
+    """Append ``new_tokens[i]`` to output row ``active[i]`` and stream what was kept (streamers take batch 1)."""
+    for row, tokens in zip(active, new_tokens):
         kept = rows.append(row, tokens) if not rows.done[row] else []
-        if streamer is not None and kept and len(new_tokens) == 1:
+        if streamer is not None and kept and rows.batch == 1:
             streamer.put(torch.tensor(kept))

@@ -26,12 +26,16 @@ class OutputRows:
         self.eos = set(eos.tolist()) if eos is not None else set()
         self.extra_stops = extra_stops
 
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
     def prefix(self, row: int) -> torch.Tensor:
         """``[length]`` the row's tokens so far (what plain decoding's processors would see)."""
         return self.tokens[row, : self.lengths[row]]
 
-    def prefixes(self) -> list[torch.Tensor]:
-        return [self.prefix(row) for row in range(len(self.lengths))]
+    def prefixes(self, rows: list[int]) -> list[torch.Tensor]:
+        return [self.prefix(row) for row in rows]
 
     def remaining(self) -> int:
         """The most tokens any unfinished row may still take."""

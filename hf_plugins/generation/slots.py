@@ -49,6 +49,10 @@ class SlotLayout:
         self.mask = torch.cat([self.mask, kept, self.mask.new_ones(self.batch, 1)], dim=1)
         self.positions = torch.cat([self.positions, last + 1 + steps, last + 1 + accepted[:, None]], dim=1)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows [n]`` (indices into the batch), in that order."""
+        self.tokens, self.mask, self.positions = self.tokens[rows], self.mask[rows], self.positions[rows]
+
     @property
     def cached(self) -> int:
         """Slots a cache should hold between steps: all but the pending one."""

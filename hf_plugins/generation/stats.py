@@ -11,7 +11,8 @@ class SpeculativeStats:
 
     ``drafted``/``accepted`` count draft tokens over all rows; ``emitted`` counts tokens each row received from
     verification steps (accepted drafts plus the target's own token); ``target_forwards`` counts verification
-    forwards (one per step for the whole batch), excluding the prefill.
+    forwards (one per step for the whole batch), excluding the prefill; ``row_forwards`` sums the unfinished rows
+    each of them verified (finished rows leave the batch).
     """
 
     drafted: int = 0
@@ -19,6 +20,7 @@ class SpeculativeStats:
     emitted: int = 0
     rows: int = 1
     target_forwards: int = 0
+    row_forwards: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -32,6 +34,7 @@ class SpeculativeStats:
         self.accepted += sum(accepted)
         self.emitted += emitted
         self.target_forwards += 1
+        self.row_forwards += len(accepted)
         self.draft_lengths.append(drafted)
         self.draft_seconds += draft_seconds
         self.verify_seconds += verify_seconds
@@ -44,7 +47,7 @@ class SpeculativeStats:
     @property
     def tokens_per_target_forward(self) -> float:
         """Mean tokens a row gains per verification forward (1.0 means drafting bought nothing)."""
-        return self.emitted / (self.target_forwards * self.rows) if self.target_forwards else 0.0
+        return self.emitted / self.row_forwards if self.row_forwards else 0.0
 
     def as_dict(self) -> dict:
         """Counters plus the derived rates, JSON-ready."""

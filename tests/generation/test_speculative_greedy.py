@@ -84,10 +84,19 @@ def test_rows_stopping_at_eos_are_padded_like_plain_greedy():
     # Make a token that plain greedy emits mid-way in row 0 the end-of-sequence token.
     eos = int(plain[0, 6 + 5])
     plain_eos = target.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    out = target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                          pad_token_id=0)
+    batch_sizes = []
+    hook = target.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)
+    finally:
+        hook.remove()
     assert torch.equal(out, plain_eos)
     assert (plain_eos[0, 6 + 6 :] == 0).all()
+    # Rows leave the batch once they end (row 0 at EOS, the others at max length after different acceptances).
+    assert batch_sizes[0] == 4 and min(batch_sizes) < 4
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
 
 
 def test_repetition_penalty_and_min_length_are_applied_per_row_as_plain_decoding():
