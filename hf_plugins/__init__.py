@@ -20,6 +20,7 @@ __all__ = [
     "disable_speculative",
     "enable_speculative",
     "evaluation",
+    "parallel",
     "quantize",
     "register_lora",
     "self_draft",
@@ -28,7 +29,7 @@ __all__ = [
 
 register_all()
 
-_LAZY_SUBMODULES = ("assets", "evaluation")
+_LAZY_SUBMODULES = ("assets", "evaluation", "parallel")
 
 
 def __getattr__(name: str):

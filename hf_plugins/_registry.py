@@ -12,6 +12,7 @@ from transformers.quantizers.auto import (
 )
 
 from .generation import enable_speculative
+from .parallel.local_styles import local_styles
 from .quantizers import AwqConfig, AwqHfQuantizer
 from .quantizers.awq.config import QUANT_METHOD as AWQ_METHOD
 from .quantizers.checkpoint import CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig
@@ -21,8 +22,8 @@ QUANTIZATION_METHODS = {AWQ_METHOD: (AwqConfig, AwqHfQuantizer)}
 
 
 def register_all() -> None:
-    """Register quantization configs, quantizers, the checkpoint model type, and speculative decoding for every model
-    our quantizers produce (safe to call repeatedly)."""
+    """Register quantization configs, quantizers, the checkpoint model type, speculative decoding for every model
+    our quantizers produce, and the tensor-parallel styles of self-sharding linears (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -32,3 +33,13 @@ def register_all() -> None:
         AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)
     if enable_speculative not in ON_QUANTIZED_MODEL:
         ON_QUANTIZED_MODEL.append(enable_speculative)
+    _register_tp_styles()
+
+
+def _register_tp_styles() -> None:
+    """Tensor-parallel styles for self-sharding (quantized) linears, next to transformers' own."""
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    for name, style in local_styles().items():
+        if name not in ALL_PARALLEL_STYLES:
+            ALL_PARALLEL_STYLES.register(name, style)

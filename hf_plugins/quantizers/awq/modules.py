@@ -153,6 +153,48 @@ class AwqLinear(nn.Module):
         self._release_cpu_weight()
         return awq_gemm(x, self.qweight, self.qzeros, self.scales, self.kernel_group_size, bias=self.bias)
 
+    def tp_shard(self, features: str, index: int, parts: int) -> None:
+        """Keep shard ``index`` of ``parts`` along the ``"out"`` or ``"in"`` features (tensor parallelism).
+
+        Output shards slice the packed columns, zeros, scales and bias; input shards slice whole quantization
+        groups, and only shard 0 keeps the bias (the row-parallel partial sums are added up across shards).
+        ``in_features``/``out_features`` become the local sizes the kernels run with.
+        """
+        if features not in ("out", "in"):
+            raise ValueError(f"features must be 'out' or 'in', got {features!r}.")
+        self._release_cpu_weight()
+        full = self.out_features if features == "out" else self.in_features
+        if full % parts:
+            raise ValueError(f"{features}_features={full} does not split into {parts} equal tensor-parallel shards.")
+        local = full // parts
+        keep = slice(index * local, (index + 1) * local)
+        if features == "out":
+            packed = uses_awq_layout(self.bits, self.out_features)
+            if packed and local % 8:
+                raise ValueError(
+                    f"AWQ packs 8 output channels per int32: out_features={full} over {parts} shards gives {local} "
+                    "per shard, not a multiple of 8. Use a tensor-parallel size that keeps shards a multiple of 8."
+                )
+            columns = slice(keep.start // 8, keep.stop // 8) if packed else keep
+            self.qweight, self.qzeros = self.qweight[:, columns].contiguous(), self.qzeros[:, columns].contiguous()
+            self.scales = self.scales[:, keep].contiguous()
+            if self.bias is not None:
+                self.bias = self.bias[keep].contiguous()
+            self.out_features = local
+            return
+        group = self.kernel_group_size
+        if group == self.in_features or local % group:
+            raise ValueError(
+                f"Input shards must hold whole quantization groups: in_features={full} over {parts} shards gives "
+                f"{local} per shard, group_size={self.group_size}. Use a size whose shards are multiples of the group."
+            )
+        groups = slice(keep.start // group, keep.stop // group)
+        self.qweight = self.qweight[keep].contiguous()
+        self.qzeros, self.scales = self.qzeros[groups].contiguous(), self.scales[groups].contiguous()
+        if index != 0:
+            self.bias = None
+        self.in_features = local
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
