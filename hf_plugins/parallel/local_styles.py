@@ -1,9 +1,10 @@
-"""Tensor-parallel styles for modules that shard themselves: quantized linears with packed buffers, not parameters.
+"""Tensor-parallel styles on plain local tensors: self-sharding quantized linears and uneven feature ranges.
 
-transformers' ``colwise``/``rowwise`` styles wrap *parameters* as DTensors. A packed quantized linear keeps its
-integer codes, zeros and scales in buffers, with packing and group constraints only it knows, so these styles ask
-the module to keep its own shard (``module.tp_shard("out" | "in", rank, world)``) and run it on plain local
-tensors, with the collectives Megatron places around a column/row-parallel pair:
+transformers' ``colwise``/``rowwise`` styles wrap *parameters* as evenly sharded DTensors. Two cases need more:
+a packed quantized linear keeps its integer codes, zeros and scales in buffers, with packing and group
+constraints only it knows (it keeps its own shard: ``module.tp_shard("out" | "in", start, stop)``); and ranks
+holding uneven whole head groups need explicit ranges (``module.tp_feature_range``, else an even split). These
+styles slice the module and run it locally, with the collectives Megatron places around a column/row pair:
 
 - column: input replicated (gradient all-reduced in backward); output the local feature shard, or all-gathered;
 - row: input the local feature shard (or split locally from a replicated one); partial outputs all-reduced.
@@ -32,6 +33,39 @@ def shards_itself(module: nn.Module) -> bool:
     return callable(getattr(module, "tp_shard", None))
 
 
+def _feature_range(module: nn.Module, features: str, rank: int, world: int) -> tuple[int, int]:
+    """The module's assigned ``tp_feature_range``, else this rank's even share of its features."""
+    assigned = getattr(module, "tp_feature_range", None)
+    if assigned is not None:
+        return assigned
+    full = module.out_features if features == "out" else module.in_features
+    if full % world:
+        raise ValueError(f"{features}_features={full} does not split into {world} equal tensor-parallel shards.")
+    local = full // world
+    return rank * local, (rank + 1) * local
+
+
+def _keep_features(module: nn.Module, features: str, start: int, stop: int) -> None:
+    """Slice ``module`` to output (``"out"``) or input (``"in"``) features ``[start, stop)``; an input slice keeps
+    the bias only where it starts at 0 (partial sums are added up across ranks)."""
+    if shards_itself(module):
+        module.tp_shard(features, start, stop)
+        return
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"local tensor-parallel styles shard nn.Linear or modules with tp_shard, not {type(module).__name__}.")
+    weight, bias = module.weight.detach(), module.bias
+    if features == "out":
+        module.weight = nn.Parameter(weight[start:stop].clone(), requires_grad=module.weight.requires_grad)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach()[start:stop].clone(), requires_grad=bias.requires_grad)
+        module.out_features = stop - start
+    else:
+        module.weight = nn.Parameter(weight[:, start:stop].clone(), requires_grad=module.weight.requires_grad)
+        if bias is not None and start != 0:
+            module.bias = None
+        module.in_features = stop - start
+
+
 class LocalColwise(TensorParallelLayer):
     """Column parallelism for a self-sharding linear: ``[..., in]`` replicated -> ``[..., out / world]`` local
     (or ``[..., out]`` gathered)."""
@@ -41,7 +75,8 @@ class LocalColwise(TensorParallelLayer):
 
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         group = mesh.get_group()
-        module.tp_shard("out", dist.get_rank(group), dist.get_world_size(group))
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        _keep_features(module, "out", *_feature_range(module, "out", rank, world))
         forward = module.forward
 
         def column_forward(x: torch.Tensor, *args, **kwargs):
@@ -66,12 +101,13 @@ class LocalRowwise(TensorParallelLayer):
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         group = mesh.get_group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        module.tp_shard("in", rank, world)
+        start, stop = _feature_range(module, "in", rank, world)
+        _keep_features(module, "in", start, stop)
         forward = module.forward
 
         def row_forward(x: torch.Tensor, *args, **kwargs):
             if self.split_input:
-                x = x.chunk(world, dim=-1)[rank]
+                x = x[..., start:stop]
             return _AllReduceForward.apply(forward(x, *args, **kwargs), group)
 
         module.forward = row_forward

@@ -16,8 +16,8 @@ from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
 from .local_styles import LOCAL_STYLE_NAMES, shards_itself
-from .head_counts import attention_modules, has_native_tp_plan, localize_head_counts
-from .tp_plan import derive_flow, example_inputs, head_dim_of, plan_from_flow
+from .head_counts import HeadLayout, attention_modules, has_native_tp_plan, localize_head_counts
+from .tp_plan import check_heads_divide, derive_flow, example_inputs, plan_from_flow, plan_styles
 
 # Largest relative logit difference the post-sharding check accepts: rounding from a different reduction order,
 # far below what a wrong shard gives (order 1).
@@ -55,14 +55,22 @@ def tensor_parallel(
         mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
     if mesh.ndim != 1:
         raise ValueError(f"tensor_parallel takes a 1-D mesh (the TP dimension); got {mesh.ndim} dimensions.")
+    world, rank = mesh.size(), mesh.get_local_rank()
     native = has_native_tp_plan(model)
-    flow, replicated = derive_flow(model) if plan is None or not native else (None, None)
-    plan = plan_from_flow(model, flow, replicated, mesh.size()) if plan is None else dict(plan)
+    flow, replicated = derive_flow(model)
+    plan = plan_from_flow(model, flow, replicated, None) if plan is None else dict(plan)
+    check_heads_divide(model, flow, plan_styles(model, plan), world, allow_uneven=True)
     example = example_inputs(model)
     reference = _logits(model, example) if verify else None
 
     model.tp_plan = plan  # transformers validates the style names
-    expanded = _with_local_styles(model, model._expand_parallel_plan(plan))
+    expanded = model._expand_parallel_plan(plan)
+    layout = HeadLayout.of(model)
+    head_linears = {name for name in flow.heads if expanded.get(name) == "colwise"}
+    uneven = any((flow.out_features[name] // layout.head_dim) % world for name in head_linears)
+    if uneven:
+        _assign_head_group_ranges(model, flow, expanded, layout, rank, world)
+    expanded = _with_local_styles(model, expanded, all_linears=uneven)
     aliases = _tied_aliases(model)
     apply_tensor_parallelism(model, mesh, {name: style for name, style in expanded.items() if name not in aliases})
     for alias, owner in aliases.items():
@@ -70,18 +78,36 @@ def tensor_parallel(
             _shard_tied(model, alias, owner, ALL_PARALLEL_STYLES[expanded[alias]], mesh)
     localized = []
     if not native:
-        sharded_heads = {name for name in flow.heads if expanded.get(name) == "colwise"}
-        config = model.config.get_text_config()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
-        head_dim = head_dim_of(model)
-        full = {heads, kv_heads, heads * head_dim, kv_heads * head_dim}
-        localized = localize_head_counts(attention_modules(model, sharded_heads), full, mesh.size())
+        localized = localize_head_counts(attention_modules(model, head_linears), layout.local_counts(rank, world))
     model._device_mesh = mesh
-    model._tp_size = mesh.size()
+    model._tp_size = world
     if verify:
         _check_same_logits(model, example, reference, localized)
     return model
+
+
+def _assign_head_group_ranges(model: nn.Module, flow, expanded: dict[str, str], layout: HeadLayout, rank: int,
+                              world: int) -> None:
+    """Give every column/row-parallel linear the ``[start, stop)`` feature range this rank keeps
+    (``tp_feature_range``): head projections whole key/value groups, other columns an even split, and each row
+    linear the range of the column linear whose output it reads."""
+    modules = dict(model.named_modules())
+    for name in flow.order:
+        if expanded.get(name) != "colwise":
+            continue
+        out = flow.out_features[name]
+        if name in flow.heads:
+            modules[name].tp_feature_range = layout.projection_range(out, rank, world)
+        else:
+            base, extra = divmod(out, world)
+            start = rank * base + min(rank, extra)
+            modules[name].tp_feature_range = (start, start + base + (rank < extra))
+    for name in flow.order:
+        if expanded.get(name) != "rowwise":
+            continue
+        width = flow.in_features[name]
+        source = next(s for s in sorted(flow.sources[name]) if flow.out_features[s] == width)
+        modules[name].tp_feature_range = modules[source].tp_feature_range
 
 
 def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -117,13 +143,20 @@ def _check_same_logits(model: nn.Module, inputs: dict, reference: torch.Tensor, 
         )
 
 
-def _with_local_styles(model: nn.Module, expanded: dict[str, str]) -> dict[str, str]:
-    """Self-sharding modules (our quantized linears) take the ``local_*`` variant of their linear style."""
+def _with_local_styles(model: nn.Module, expanded: dict[str, str], all_linears: bool) -> dict[str, str]:
+    """Self-sharding modules (our quantized linears), and every column/row linear when ranks hold uneven head
+    groups (which DTensor's even shards cannot express), take the ``local_*`` variant of their style; the
+    parameter entries of the latter are dropped (the module slices its own)."""
     modules = dict(model.named_modules())
     out = dict(expanded)
     for name, style in expanded.items():
-        if style in LOCAL_STYLE_NAMES and name in modules and shards_itself(modules[name]):
+        module = modules.get(name)
+        if style not in LOCAL_STYLE_NAMES or module is None:
+            continue
+        if shards_itself(module) or (all_linears and style in ("colwise", "rowwise")):
             out[name] = LOCAL_STYLE_NAMES[style]
+            for param_name, _ in module.named_parameters(recurse=False):
+                out.pop(f"{name}.{param_name}", None)
     return out
 
 

@@ -9,8 +9,8 @@ Rules, applied in call order over one real forward (see ``dataflow.py``):
   replicated, and the trace is redone without it;
 - the LM head is vocabulary-parallel with gathered logits (``colwise_gather_output``) and the input embeddings are
   vocabulary-parallel (``embedding_rowwise``), as in transformers' hand-written plans;
-- linears whose outputs meet in attention products hold heads: each rank must get whole heads (GQA: whole
-  key/value heads), else a ``ValueError`` names the layer, its head count and the world sizes that work;
+- linears whose outputs meet in attention products hold heads: each rank must get whole key/value groups with
+  their query heads, else a ``ValueError`` names the layer, its head counts and the world sizes that work;
 - a fused projection whose output is cut into parts (q|k|v, gate|up), or whose whole output is normalised at
   once (OLMo-2's q/k norms), has its output gathered (``colwise_gather_output``), with every linear sharing its
   row-parallel consumer; that consumer splits its input locally (``rowwise_split_input``). This is exact for any
@@ -23,11 +23,14 @@ Rules, applied in call order over one real forward (see ``dataflow.py``):
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
 from .dataflow import LinearFlow, trace_linear_flow
+from .head_counts import HeadLayout
 
 # ``model.layers.3.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``: transformers' plan key form.
 _wildcard = replace_layer_number_by_wildcard
@@ -39,12 +42,6 @@ def example_inputs(model: nn.Module) -> dict:
     device = next(model.parameters()).device
     ids = torch.arange(8, device=device)[None] % max(2, config.vocab_size)
     return {"input_ids": ids, "use_cache": False}
-
-
-def head_dim_of(model: nn.Module) -> int:
-    config = model.config.get_text_config()
-    head_dim = getattr(config, "head_dim", None)
-    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
 
 
 def _name_of(model: nn.Module, module: nn.Module | None) -> str | None:
@@ -84,10 +81,12 @@ def auto_tp_plan(model: nn.Module, world_size: int | None = None) -> dict[str, s
     Args:
         model: a causal LM (any architecture whose linear layers are ``nn.Linear`` or expose
             ``in_features``/``out_features``, e.g. our quantized linears).
-        world_size: when given, check that attention heads split whole over this many ranks.
+        world_size: when given, check that attention heads split evenly over this many ranks (what DTensor
+            sharding through ``DistributedConfig`` needs; :func:`tensor_parallel` also splits key/value groups
+            unevenly).
 
     Raises:
-        ValueError: the heads of a column-parallel projection do not divide by ``world_size``.
+        ValueError: the heads of a column-parallel projection do not split evenly over ``world_size`` ranks.
     """
     flow, replicated = derive_flow(model)
     return plan_from_flow(model, flow, replicated, world_size)
@@ -151,24 +150,46 @@ def gathered_linears(flow: LinearFlow, replicated: frozenset[str]) -> frozenset[
     return frozenset(gathered)
 
 
-def check_heads_divide(model: nn.Module, flow: LinearFlow, styles: dict[str, str], world_size: int) -> None:
-    """ValueError unless every column-parallel head projection holds a multiple of ``world_size`` heads."""
+def check_heads_divide(
+    model: nn.Module, flow: LinearFlow, styles: dict[str, str], world_size: int, allow_uneven: bool = False
+) -> None:
+    """ValueError unless every column-parallel head projection can give each rank whole heads.
+
+    Even splits always work; with ``allow_uneven`` (our :func:`tensor_parallel`), so does any world size up to the
+    number of key/value groups.
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}.")
-    head_dim = head_dim_of(model)
+    layout = HeadLayout.of(model)
+    counts = f"num_attention_heads={layout.heads}, num_key_value_heads={layout.kv_heads}"
     for name in flow.order:
         if styles.get(name) != "colwise" or name not in flow.heads:
             continue
-        heads = flow.out_features[name] // head_dim
-        if heads % world_size:
-            works = [n for n in range(1, heads + 1) if heads % n == 0]
-            config = model.config.get_text_config()
-            counts = f"num_attention_heads={config.num_attention_heads}, " \
-                     f"num_key_value_heads={getattr(config, 'num_key_value_heads', None)}"
+        heads = flow.out_features[name] // layout.head_dim
+        if heads % world_size == 0:
+            continue
+        if layout.kv_heads < world_size:
             raise ValueError(
-                f"Tensor parallelism splits attention heads whole, but {name} has {heads} heads ({counts}) and "
-                f"the world size is {world_size}. Use a tensor-parallel size that divides {heads}: {works}."
+                f"Tensor parallelism gives each rank whole key/value head groups, but {name} has {heads} heads in "
+                f"{layout.kv_heads} group(s) ({counts}) and the world size is {world_size}. Use a tensor-parallel "
+                f"size of at most {layout.kv_heads}."
             )
+        if not allow_uneven:
+            works = [n for n in range(1, heads + 1) if heads % n == 0]
+            raise ValueError(
+                f"{name} has {heads} heads ({counts}), which do not split evenly over {world_size} ranks as "
+                f"transformers' DTensor sharding needs. Use hf_plugins.parallel.tensor_parallel(model), which gives "
+                f"ranks whole key/value groups unevenly, or a tensor-parallel size dividing {heads}: {works}."
+            )
+
+
+def plan_styles(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+    """``{module name: style}`` for every module a (wildcard) plan names."""
+    patterns = {key: re.compile(re.escape(key).replace(r"\*", r"\d+")) for key in plan}
+    return {
+        name: plan[key] for name, _ in model.named_modules() for key, pattern in patterns.items()
+        if pattern.fullmatch(name)
+    }
 
 
 def _generalise(styles: dict[str, str]) -> dict[str, str]:

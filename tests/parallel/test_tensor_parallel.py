@@ -29,6 +29,13 @@ _MORE_CONFIGS = {
                                                 num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2),
 }
 _WITHOUT_HAND_PLAN = ("opt", "stablelm-per-head-norms", "falcon")
+# 6 query heads in 3 key/value groups (SmolLM2-135M has 9 in 3): 2 ranks hold 2 and 1 groups.
+_UNEVEN_CONFIGS = {
+    "llama-3-groups": lambda: transformers.LlamaConfig(**{**_SMALL, "hidden_size": 96, "num_attention_heads": 6}, num_key_value_heads=3,
+                                                       head_dim=16, tie_word_embeddings=True),
+    "stablelm-3-groups": lambda: transformers.StableLmConfig(**{**_SMALL, "hidden_size": 96, "num_attention_heads": 6}, num_key_value_heads=3),
+}
+_MORE_CONFIGS.update(_UNEVEN_CONFIGS)
 
 
 def _model(arch: str):
@@ -69,10 +76,30 @@ def test_auto_plan_covers_fused_projections_norms_and_models_without_a_plan():
 
 def test_indivisible_heads_raise_with_the_sizes_that_work():
     gemma = _model("gemma")  # multi-query attention: one key/value head
-    with pytest.raises(ValueError, match=r"[kv]_proj has 1 heads .*num_key_value_heads=1.* divides 1: \[1\]"):
+    with pytest.raises(ValueError, match=r"[kv]_proj has 1 heads in 1 group.* world size is 2\. .* at most 1\."):
         auto_tp_plan(gemma, world_size=2)
-    with pytest.raises(ValueError, match=r"k_proj has 2 heads .* world size is 4\. .* divides 2: \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"k_proj has 2 heads in 2 group.* world size is 4\. .* at most 2\."):
         auto_tp_plan(_model("llama"), world_size=4)
+
+
+def test_uneven_head_groups_need_our_tensor_parallel():
+    # transformers' DTensor shards are even: 3 key/value heads on 2 ranks need tensor_parallel's uneven groups.
+    with pytest.raises(ValueError, match=r"k_proj has 3 heads .* do not split evenly over 2 ranks .* "
+                                         r"Use hf_plugins.parallel.tensor_parallel\(model\)"):
+        auto_tp_plan(_model("llama-3-groups"), world_size=2)
+    with pytest.raises(ValueError, match=r"q_proj has 6 heads in 3 group.* world size is 4\. .* at most 3\."):
+        auto_tp_plan(_model("llama-3-groups"), world_size=4)
+
+
+def _uneven_shapes(rank, world_size):
+    model = _model("llama-3-groups")
+    tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
+    attention = model.model.layers[0].self_attn
+    return attention.q_proj.weight.shape[0], attention.k_proj.weight.shape[0], attention.o_proj.weight.shape[1]
+
+
+def test_ranks_hold_whole_key_value_groups_unevenly():
+    assert run_ranks(_uneven_shapes) == [(4 * 16, 2 * 16, 4 * 16), (2 * 16, 1 * 16, 2 * 16)]
 
 
 def test_tensor_parallel_without_a_process_group_says_how_to_launch():
@@ -96,7 +123,7 @@ def _tp_logits_and_generate(rank, world_size, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gemma2", "qwen3", "olmo2",
-                                  *_WITHOUT_HAND_PLAN])
+                                  *_WITHOUT_HAND_PLAN, *_UNEVEN_CONFIGS])
 def test_tp_logits_and_greedy_generate_equal_one_process(arch):
     config = _model(arch).config
     for error, same_tokens, local_embeddings, tied in run_ranks(_tp_logits_and_generate, arch):
@@ -149,10 +176,10 @@ def test_awq_model_shards_packed_weights_along_whole_groups(backend, dtype):
 
 def test_awq_input_shards_must_hold_whole_groups():
     layer = hf_plugins.AwqLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=64)
-    with pytest.raises(ValueError, match=r"whole quantization groups: in_features=64 over 2 shards gives 32"):
-        layer.tp_shard("in", 0, 2)
-    with pytest.raises(ValueError, match=r"out_features=32 over 8 shards gives 4 per shard, not a multiple of 8"):
-        layer.tp_shard("out", 0, 8)
+    with pytest.raises(ValueError, match=r"whole quantization groups: the shard \[0, 32\) of in_features=64 cuts"):
+        layer.tp_shard("in", 0, 32)
+    with pytest.raises(ValueError, match=r"8 output channels per int32: the shard \[0, 4\) of out_features=32"):
+        layer.tp_shard("out", 0, 4)
 
 
 def _wrong_plan(rank, world_size):

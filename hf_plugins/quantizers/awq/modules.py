@@ -153,47 +153,47 @@ class AwqLinear(nn.Module):
         self._release_cpu_weight()
         return awq_gemm(x, self.qweight, self.qzeros, self.scales, self.kernel_group_size, bias=self.bias)
 
-    def tp_shard(self, features: str, index: int, parts: int) -> None:
-        """Keep shard ``index`` of ``parts`` along the ``"out"`` or ``"in"`` features (tensor parallelism).
+    def tp_shard(self, features: str, start: int, stop: int) -> None:
+        """Keep output (``"out"``) or input (``"in"``) features ``[start, stop)`` (tensor parallelism).
 
-        Output shards slice the packed columns, zeros, scales and bias; input shards slice whole quantization
-        groups, and only shard 0 keeps the bias (the row-parallel partial sums are added up across shards).
-        ``in_features``/``out_features`` become the local sizes the kernels run with.
+        Output shards slice the packed columns, zeros, scales and bias (8 channels per int32 in the AWQ layout);
+        input shards slice whole quantization groups, and keep the bias only when they start at 0 (row-parallel
+        partial sums are added up across shards). ``in_features``/``out_features`` become the local sizes.
         """
         if features not in ("out", "in"):
             raise ValueError(f"features must be 'out' or 'in', got {features!r}.")
-        self._release_cpu_weight()
         full = self.out_features if features == "out" else self.in_features
-        if full % parts:
-            raise ValueError(f"{features}_features={full} does not split into {parts} equal tensor-parallel shards.")
-        local = full // parts
-        keep = slice(index * local, (index + 1) * local)
+        if not 0 <= start < stop <= full:
+            raise ValueError(f"feature range [{start}, {stop}) is not inside {features}_features={full}.")
+        self._release_cpu_weight()
+        keep = slice(start, stop)
         if features == "out":
             packed = uses_awq_layout(self.bits, self.out_features)
-            if packed and local % 8:
+            if packed and (start % 8 or stop % 8):
                 raise ValueError(
-                    f"AWQ packs 8 output channels per int32: out_features={full} over {parts} shards gives {local} "
-                    "per shard, not a multiple of 8. Use a tensor-parallel size that keeps shards a multiple of 8."
+                    f"AWQ packs 8 output channels per int32: the shard [{start}, {stop}) of out_features={full} "
+                    "does not start and end on multiples of 8. Use a tensor-parallel size whose shards do."
                 )
-            columns = slice(keep.start // 8, keep.stop // 8) if packed else keep
+            columns = slice(start // 8, stop // 8) if packed else keep
             self.qweight, self.qzeros = self.qweight[:, columns].contiguous(), self.qzeros[:, columns].contiguous()
             self.scales = self.scales[:, keep].contiguous()
             if self.bias is not None:
                 self.bias = self.bias[keep].contiguous()
-            self.out_features = local
+            self.out_features = stop - start
             return
         group = self.kernel_group_size
-        if group == self.in_features or local % group:
+        if group == self.in_features or start % group or stop % group:
             raise ValueError(
-                f"Input shards must hold whole quantization groups: in_features={full} over {parts} shards gives "
-                f"{local} per shard, group_size={self.group_size}. Use a size whose shards are multiples of the group."
+                f"Input shards must hold whole quantization groups: the shard [{start}, {stop}) of in_features="
+                f"{full} cuts groups of {self.group_size}. Use a tensor-parallel size whose shards are multiples of "
+                "the group size."
             )
-        groups = slice(keep.start // group, keep.stop // group)
         self.qweight = self.qweight[keep].contiguous()
+        groups = slice(start // group, stop // group)
         self.qzeros, self.scales = self.qzeros[groups].contiguous(), self.scales[groups].contiguous()
-        if index != 0:
+        if start != 0:
             self.bias = None
-        self.in_features = local
+        self.in_features = stop - start
 
     def extra_repr(self) -> str:
         return (
