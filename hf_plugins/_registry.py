@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig
+from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -11,6 +11,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from .attention import RING_ATTENTION, ring_attention_forward, ring_attention_mask
 from .generation import enable_speculative
 from .parallel.local_styles import local_styles
 from .quantizers import AwqConfig, AwqHfQuantizer
@@ -23,7 +24,8 @@ QUANTIZATION_METHODS = {AWQ_METHOD: (AwqConfig, AwqHfQuantizer)}
 
 def register_all() -> None:
     """Register quantization configs, quantizers, the checkpoint model type, speculative decoding for every model
-    our quantizers produce, and the tensor-parallel styles of self-sharding linears (safe to call repeatedly)."""
+    our quantizers produce, the tensor-parallel styles of self-sharding linears and ring attention (safe to call
+    repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -34,6 +36,9 @@ def register_all() -> None:
     if enable_speculative not in ON_QUANTIZED_MODEL:
         ON_QUANTIZED_MODEL.append(enable_speculative)
     _register_tp_styles()
+    # The mask function must be registered under the same name, or transformers silently passes no mask.
+    AttentionInterface.register(RING_ATTENTION, ring_attention_forward)
+    AttentionMaskInterface.register(RING_ATTENTION, ring_attention_mask)
 
 
 def _register_tp_styles() -> None:

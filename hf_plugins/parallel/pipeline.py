@@ -136,7 +136,8 @@ def _stage_view(model: PreTrainedModel, start: int, stop: int, first: bool, last
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [batch, seq, vocab]`` against ``targets [batch, seq]`` (already shifted)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half logits: fp32 loss
+    return F.cross_entropy(upcast.flatten(0, 1), targets.flatten())
 
 
 class Pipeline:
