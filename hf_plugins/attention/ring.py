@@ -25,7 +25,7 @@ def _rotate(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     send_to = dist.get_global_rank(group, (rank + 1) % world)
     recv_from = dist.get_global_rank(group, (rank - 1) % world)
-    received = [torch.empty_like(t) for t in tensors]
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     ops = [dist.P2POp(dist.isend, t.contiguous(), send_to, group) for t in tensors]
     ops += [dist.P2POp(dist.irecv, r, recv_from, group) for r in received]
     for request in dist.batch_isend_irecv(ops):
