@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass
 
 # A100 SXM 80 GB in DGX A100 nodes of 8 (Selene): bf16 dense peak, NVLink (per GPU, one direction), InfiniBand
@@ -227,8 +226,9 @@ def main() -> None:
                   f"{result['memory_gb']:>9.1f}")
     if args.out:
         with open(args.out, "w") as file:
-            json.dump({"matmul_efficiency": constants[0], "elementwise_bytes": constants[1], "published_checks": checks, "mean_abs_error": mean_abs,
-                       "predictions": predictions}, file, indent=2)
+            json.dump({"matmul_efficiency": constants[0], "elementwise_bytes": constants[1],
+                       "published_checks": checks, "mean_abs_error": mean_abs, "predictions": predictions},
+                      file, indent=2)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no recipes/pp_train.py --schedule interleaved-1f1b
 
-Each rank keeps only its stages' layers (balanced by FLOPs, or by memory with ``--balance params``); the batch is cut into
-``--microbatches`` microbatches. Prints the loss per step, tokens/s, the measured bubble fraction of each rank next
-to Megatron-LM's ``(p-1)/m`` (``(p-1)/(v m)`` interleaved), and each rank's parameter memory.
+Each rank keeps only its stages' layers (balanced by FLOPs, or by memory with ``--balance params``); the batch
+is cut into ``--microbatches`` microbatches. Prints the loss per step, tokens/s, the measured bubble fraction of
+each rank next to Megatron-LM's ``(p-1)/m`` (``(p-1)/(v m)`` interleaved), and each rank's parameter memory.
 """
 
 from __future__ import annotations

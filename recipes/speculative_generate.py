@@ -54,7 +54,8 @@ def main() -> None:
         draft = hf_plugins.self_draft(draft, bits=args.bits) if args.bits else draft
     hf_plugins.enable_speculative(target, SpeculativeConfig(layer_parallel_group_size=args.layer_parallel))
 
-    docs = load_text("wiki", "evaluation")[: args.prompts // 2] + load_text("code", "evaluation")[: args.prompts - args.prompts // 2]
+    prose = args.prompts // 2
+    docs = load_text("wiki", "evaluation")[:prose] + load_text("code", "evaluation")[: args.prompts - prose]
     tokenizer.padding_side = "left"
     batch = tokenizer([doc[:600] for doc in docs], return_tensors="pt", padding=True).to(accelerator.device)
     kwargs = dict(max_new_tokens=args.new_tokens, do_sample=args.sample)

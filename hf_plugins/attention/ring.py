@@ -62,7 +62,7 @@ def _scores(q, k, q_pos, k_pos, scale):
 
 def _attend_block(q, k, v, q_pos, k_pos, scale, out, lse) -> None:
     """Merge the attention of queries ``q [b, h, lq, d]`` to one key/value block into ``out``/``lse``."""
-    for qs, q_first, q_last in _tiles(q_pos):
+    for qs, _, q_last in _tiles(q_pos):
         for ks, k_first, _ in _tiles(k_pos):
             if k_first > q_last:  # every key of the tile is in every query's future
                 continue
@@ -76,7 +76,7 @@ def _attend_block(q, k, v, q_pos, k_pos, scale, out, lse) -> None:
 def _grad_block(q, k, v, q_pos, k_pos, scale, lse, grad_out, delta, grad_q, grad_k, grad_v) -> None:
     """Add one key/value block's contribution to ``grad_q`` and its own ``grad_k``/``grad_v`` (FlashAttention's
     backward: probabilities rebuilt from the final ``lse``, ``dS = P (dP - rowsum(dO O))``)."""
-    for qs, q_first, q_last in _tiles(q_pos):
+    for qs, _, q_last in _tiles(q_pos):
         for ks, k_first, _ in _tiles(k_pos):
             if k_first > q_last:
                 continue

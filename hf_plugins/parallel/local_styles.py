@@ -52,7 +52,9 @@ def _keep_features(module: nn.Module, features: str, start: int, stop: int) -> N
         module.tp_shard(features, start, stop)
         return
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"local tensor-parallel styles shard nn.Linear or modules with tp_shard, not {type(module).__name__}.")
+        raise TypeError(
+            f"local tensor-parallel styles shard nn.Linear or modules with tp_shard, not {type(module).__name__}."
+        )
     weight, bias = module.weight.detach(), module.bias
     if features == "out":
         module.weight = nn.Parameter(weight[start:stop].clone(), requires_grad=module.weight.requires_grad)

@@ -25,7 +25,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 BALANCES = ("params", "flops")
 
 
-def layer_costs(model: PreTrainedModel, balance: str = "params", seq_len: int = 1024) -> tuple[list[float], float, float]:
+def layer_costs(
+    model: PreTrainedModel, balance: str = "params", seq_len: int = 1024
+) -> tuple[list[float], float, float]:
     """``(per-layer costs, first-stage extra, last-stage extra)`` used to balance stages.
 
     ``params``: parameter counts (memory balance); the embedding goes to the first stage, norm and head to the
@@ -124,7 +126,8 @@ def _stage_view(model: PreTrainedModel, start: int, stop: int, first: bool, last
     base._modules = dict(model.base_model._modules)
     view._modules[model.base_model_prefix] = base
     base.layers = nn.ModuleList(
-        layer if start <= index < stop else PipelineIdentityLayer() for index, layer in enumerate(model.base_model.layers)
+        layer if start <= index < stop else PipelineIdentityLayer()
+        for index, layer in enumerate(model.base_model.layers)
     )
     if not first:
         base.embed_tokens = PipelineIdentityLayer()

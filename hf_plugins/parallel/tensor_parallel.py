@@ -130,7 +130,8 @@ def _check_same_logits(model: nn.Module, inputs: dict, reference: torch.Tensor, 
     try:
         logits = _logits(model, inputs)
     except RuntimeError as error:
-        raise ValueError(f"The tensor-parallel {type(model).__name__} fails on a test prompt: {error}. {hint}") from error
+        name = type(model).__name__
+        raise ValueError(f"The tensor-parallel {name} fails on a test prompt: {error}. {hint}") from error
     # Packed quantized kernels may compute in bf16 whatever the parameters' dtype (the CPU int4 kernel does).
     quantized = any(shards_itself(module) for module in model.modules())
     dtype = torch.bfloat16 if quantized else next(model.parameters()).dtype

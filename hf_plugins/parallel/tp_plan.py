@@ -92,7 +92,9 @@ def auto_tp_plan(model: nn.Module, world_size: int | None = None) -> dict[str, s
     return plan_from_flow(model, flow, replicated, world_size)
 
 
-def plan_from_flow(model: nn.Module, flow: LinearFlow, replicated: frozenset[str], world_size: int | None) -> dict[str, str]:
+def plan_from_flow(
+    model: nn.Module, flow: LinearFlow, replicated: frozenset[str], world_size: int | None
+) -> dict[str, str]:
     """The plan the rules give for a traced ``flow`` (see :func:`auto_tp_plan`)."""
     head = _name_of(model, model.get_output_embeddings())
     embeddings = model.get_input_embeddings()

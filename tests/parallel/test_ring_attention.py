@@ -29,6 +29,7 @@ def _ring_vs_full(rank, world_size, length, heads, kv_heads, tile):
     full.backward(grad_out)
 
     shard = zigzag_shard(length, rank, world_size)
+
     def local(x):
         padded = F.pad(x.detach(), (0, 0, 0, int(shard.index.max()) + 1 - length))
         return padded[:, :, shard.index].clone().requires_grad_(True)
@@ -37,9 +38,10 @@ def _ring_vs_full(rank, world_size, length, heads, kv_heads, tile):
     valid = shard.valid
     out.backward(torch.where(valid[None, None, :, None], local(grad_out).detach(), 0.0))
     keep = shard.index[valid]
-    return (max_rel_error(out[:, :, valid], full[:, :, keep]), max_rel_error(lq.grad[:, :, valid], q.grad[:, :, keep]),
-            max_rel_error(lk.grad[:, :, valid], k.grad[:, :, keep]), max_rel_error(lv.grad[:, :, valid], v.grad[:, :, keep]),
-            int(valid.sum()))
+    errors = [max_rel_error(out[:, :, valid], full[:, :, keep])]
+    pairs = ((lq, q), (lk, k), (lv, v))
+    errors += [max_rel_error(mine.grad[:, :, valid], theirs.grad[:, :, keep]) for mine, theirs in pairs]
+    return (*errors, int(valid.sum()))
 
 
 @pytest.mark.parametrize("length, heads, kv_heads, tile", [(37, 4, 2, 4), (64, 2, 2, 512), (13, 6, 3, 3)])

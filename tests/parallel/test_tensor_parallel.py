@@ -29,11 +29,12 @@ _MORE_CONFIGS = {
                                                 num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2),
 }
 _WITHOUT_HAND_PLAN = ("opt", "stablelm-per-head-norms", "falcon")
+_SIX_HEADS = {**_SMALL, "hidden_size": 96, "num_attention_heads": 6}
 # 6 query heads in 3 key/value groups (SmolLM2-135M has 9 in 3): 2 ranks hold 2 and 1 groups.
 _UNEVEN_CONFIGS = {
-    "llama-3-groups": lambda: transformers.LlamaConfig(**{**_SMALL, "hidden_size": 96, "num_attention_heads": 6}, num_key_value_heads=3,
-                                                       head_dim=16, tie_word_embeddings=True),
-    "stablelm-3-groups": lambda: transformers.StableLmConfig(**{**_SMALL, "hidden_size": 96, "num_attention_heads": 6}, num_key_value_heads=3),
+    "llama-3-groups": lambda: transformers.LlamaConfig(**_SIX_HEADS, num_key_value_heads=3, head_dim=16,
+                                                       tie_word_embeddings=True),
+    "stablelm-3-groups": lambda: transformers.StableLmConfig(**_SIX_HEADS, num_key_value_heads=3),
 }
 _MORE_CONFIGS.update(_UNEVEN_CONFIGS)
 
@@ -107,8 +108,8 @@ def test_tensor_parallel_without_a_process_group_says_how_to_launch():
         tensor_parallel(_model("llama"))
 
 
-def _tp_logits_and_generate(rank, world_size, arch):
-    model = _model(arch)
+def _shard_and_compare(model, world_size) -> tuple[float, bool]:
+    """Shard ``model`` over the world; ``(max relative logit error, greedy tokens identical)`` against before."""
     ids = _ids()
     with torch.no_grad():
         expected_logits = model(ids).logits
@@ -117,9 +118,15 @@ def _tp_logits_and_generate(rank, world_size, arch):
     with torch.no_grad():
         logits = model(ids).logits
     tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    return max_rel_error(logits, expected_logits), torch.equal(tokens, expected_tokens)
+
+
+def _tp_logits_and_generate(rank, world_size, arch):
+    model = _model(arch)
+    error, same_tokens = _shard_and_compare(model, world_size)
     embeddings = model.get_input_embeddings()
-    return (max_rel_error(logits, expected_logits), torch.equal(tokens, expected_tokens),
-            tuple(embeddings.weight.to_local().shape), model.get_output_embeddings().weight is embeddings.weight)
+    return (error, same_tokens, tuple(embeddings.weight.to_local().shape),
+            model.get_output_embeddings().weight is embeddings.weight)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gemma2", "qwen3", "olmo2",
@@ -137,8 +144,9 @@ def _tp_local_shapes(rank, world_size):
     model = _model("llama")
     tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
     layer = model.model.layers[0]
-    return (tuple(layer.self_attn.q_proj.weight.to_local().shape), tuple(layer.self_attn.o_proj.weight.to_local().shape),
-            tuple(layer.mlp.down_proj.weight.to_local().shape))
+    local = [module.weight.to_local().shape for module in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                                            layer.mlp.down_proj)]
+    return tuple(tuple(shape) for shape in local)
 
 
 def test_each_rank_holds_its_column_and_row_shards():
@@ -151,17 +159,10 @@ def test_each_rank_holds_its_column_and_row_shards():
 def _tp_awq(rank, world_size, backend):
     os.environ["HF_PLUGINS_BACKEND"] = backend
     model = hf_plugins.self_draft(tiny_model("llama")[0], bits=4, group_size=32).eval()
-    ids = _ids()
-    with torch.no_grad():
-        expected_logits = model(ids).logits
-    expected_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
-    tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
-    with torch.no_grad():
-        logits = model(ids).logits
-    tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    error, same_tokens = _shard_and_compare(model, world_size)
     q_proj, down_proj = model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj
-    return (max_rel_error(logits, expected_logits), torch.equal(tokens, expected_tokens),
-            (q_proj.out_features, tuple(q_proj.scales.shape)), (down_proj.in_features, tuple(down_proj.scales.shape)))
+    return (error, same_tokens, (q_proj.out_features, tuple(q_proj.scales.shape)),
+            (down_proj.in_features, tuple(down_proj.scales.shape)))
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("cpu", torch.bfloat16)])
@@ -213,3 +214,21 @@ def test_auto_plan_loads_through_transformers_distributed_config(tmp_path):
     model.save_pretrained(tmp_path)
     for error in run_ranks(_load_distributed, str(tmp_path), auto_tp_plan(model)):
         assert error <= FLOAT_KERNEL_RTOL[torch.float32]
+
+
+def _load_awq_distributed(rank, world_size, path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    config = transformers.DistributedConfig(tp_size=world_size, tp_plan="auto")
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_awq_checkpoints_refuse_distributed_loading_and_point_to_tensor_parallel(tmp_path):
+    model = tiny_model("llama")[0]
+    hf_plugins.quantize(model, hf_plugins.AwqConfig(bits=4, group_size=32, scale_search=False, clip=False))
+    model.save_pretrained(tmp_path)
+    for message in run_ranks(_load_awq_distributed, str(tmp_path)):
+        assert message is not None and "then call hf_plugins.parallel.tensor_parallel(model)" in message

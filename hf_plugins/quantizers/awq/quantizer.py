@@ -157,6 +157,13 @@ class AwqHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if (getattr(model, "_tp_size", None) or 1) > 1:
+            # transformers' styles shard parameters; AWQ keeps packed codes in buffers with group constraints.
+            raise ValueError(
+                "AWQ does not load through from_pretrained(distributed_config=...) tensor parallelism: load the "
+                "model on every rank without distributed_config, then call hf_plugins.parallel.tensor_parallel("
+                "model), which shards AWQ layers along whole quantization groups."
+            )
         if not self.pre_quantized:
             resolved, _ = quantize_awq_(model, self.quantization_config)
             self.quantization_config = resolved
