@@ -9,9 +9,9 @@ Real model: SmolLM2-135M (fp32). Each part first checks correctness against one 
   core), collectives and bytes (profiler), and weights per rank against the unsharded model.
 - ``pp``: training steps with GPipe, 1F1B and interleaved 1F1B at m = 4 and 8 microbatches. Measured bubble
   fraction against ``(p-1)/m`` or ``(p-1)/(v m)``, point-to-point bytes per step, and stage parameters per rank.
-- ``sp``: a ring-attention forward and backward over one sequence. Time and bytes per step, and peak
-  activation memory per rank at SP=2 against the whole sequence on one rank (the same process, high-water mark
-  reset in between; Linux ``/proc/self/clear_refs``).
+- ``sp``: a ring-attention forward and backward over one sequence. Time and bytes per step, and activation
+  memory per rank (bytes autograd saves for the backward pass, weights excluded) at SP=2 against the whole
+  sequence on one rank.
 
 Rank 0 writes ``results/parallel_cpu-<date>-<machine>.json``. Ratios compare runs on this machine only; gloo on
 one host is not a network.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import datetime
 import json
 import sys
@@ -54,29 +56,36 @@ def communication(profile) -> dict[str, dict[str, float]]:
             continue
         entry = totals[event.name]
         entry["calls"] += 1
-        for shape, dtype in zip(event.input_shapes or [], event.input_types or []):
+        for shape, dtype in zip(event.input_shapes or [], event.input_dtypes or []):
             if shape:
                 entry["bytes"] += _ELEMENT_BYTES.get(dtype, 4) * int(torch.tensor(shape).prod())
     return {name: dict(entry) for name, entry in totals.items()}
 
 
-def high_water_mib() -> float:
-    """Peak resident memory since the last :func:`reset_high_water` (VmHWM), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+class SavedActivations:
+    """Bytes autograd keeps for the backward pass during a forward (distinct storages): the activation memory,
+    independent of how the allocator reuses freed blocks (a process's RSS high-water mark is not)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.weights:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2**20
 
 
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def reset_high_water() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+def release_freed_memory() -> None:
+    """Collect cycles and hand freed heap pages back to the OS (glibc keeps them otherwise), so one part's peak
+    does not stack on the next one's on a 24 GB machine."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def tensor_parallel_part(model, tokenizer, new_tokens: int = 16) -> dict:
@@ -146,6 +155,7 @@ def pipeline_part(model, tokenizer, seq_len: int = 128, batch: int = 8, steps: i
                 "stage_parameters_mib": sum(p.numel() * 4 for p in pipeline.parameters()) / 2**20,
             })
             del pipeline, replica
+            gc.collect()  # schedules and stages hold reference cycles: free each replica before the next
     return rows
 
 
@@ -156,12 +166,12 @@ def sequence_part(model, tokenizer, seq_len: int) -> dict:
 
     def measure(run) -> tuple[float, float, float]:
         model.zero_grad(set_to_none=True)
-        before = resident_mib()
-        reset_high_water()
+        saved = SavedActivations(model)
         start = time.perf_counter()
-        loss = run()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
+            loss = run()
         loss.backward()
-        return time.perf_counter() - start, high_water_mib() - before, loss.item()
+        return time.perf_counter() - start, saved.mib, loss.item()
 
     full_seconds, full_mib, full_loss = measure(
         lambda: next_token_loss(model(inputs, use_cache=False).logits, targets))
@@ -179,13 +189,15 @@ def sequence_part(model, tokenizer, seq_len: int) -> dict:
     dist.all_reduce(total)
     with torch.profiler.profile(record_shapes=True) as profile:
         ring_step().backward()
+    del model
+    gc.collect()
     return {
         "seq_len": seq_len,
         "loss_rel_error_vs_one_process": abs(total.item() / dist.get_world_size() - full_loss) / full_loss,
         "step_s_one_rank_full_sequence": full_seconds,
         "step_s_sp2": ring_seconds,
-        "activation_peak_mib_one_rank": full_mib,
-        "activation_peak_mib_sp2": ring_mib,
+        "activation_mib_one_rank": full_mib,
+        "activation_mib_sp2": ring_mib,
         "activation_ratio": full_mib / ring_mib,
         "collectives": communication(profile),
     }
@@ -206,13 +218,16 @@ def main() -> None:
         model, tokenizer = load_model("smollm2-135m")
     results = {"date": str(datetime.date.today()), "machine": machine_name(), "torch": torch.__version__,
                "ranks": 2, "model": "smollm2-135m"}
-    if "pp" in args.parts:
-        results["pp"] = pipeline_part(model, tokenizer)
-        accelerator.print(json.dumps(results["pp"], indent=1))
+    # The long-sequence part first, in a fresh heap; tensor parallelism last (it shards the model in place).
     if "sp" in args.parts:
         results["sp"] = sequence_part(model, tokenizer, args.sp_seq_len)
         accelerator.print(json.dumps(results["sp"], indent=1))
-    if "tp" in args.parts:  # last: sharding is in place
+        release_freed_memory()
+    if "pp" in args.parts:
+        results["pp"] = pipeline_part(model, tokenizer)
+        accelerator.print(json.dumps(results["pp"], indent=1))
+        release_freed_memory()
+    if "tp" in args.parts:
         results["tp"] = tensor_parallel_part(model, tokenizer)
         accelerator.print(json.dumps(results["tp"], indent=1))
     per_rank = [None] * 2
