@@ -1,0 +1,29 @@
+"""Bit-plane matmuls of bipolar-INT operands (1-8 bit weights and activations)."""
+
+from .reference import (
+    affine_to_bipolar,
+    bipolar_limit,
+    bipolar_to_codes,
+    bit_planes,
+    bitplane_matmul_reference,
+    codes_to_bipolar,
+    pack_planes,
+    planes_to_bipolar,
+    round_to_bipolar,
+    signed_to_bipolar,
+    unpack_planes,
+)
+
+__all__ = [
+    "affine_to_bipolar",
+    "bipolar_limit",
+    "bipolar_to_codes",
+    "bit_planes",
+    "bitplane_matmul_reference",
+    "codes_to_bipolar",
+    "pack_planes",
+    "planes_to_bipolar",
+    "round_to_bipolar",
+    "signed_to_bipolar",
+    "unpack_planes",
+]
