@@ -1,10 +1,12 @@
 """Bit-plane matmuls of bipolar-INT operands (1-8 bit weights and activations)."""
 
 from .reference import (
+    MAX_BITS,
     affine_to_bipolar,
     bipolar_limit,
     bipolar_to_codes,
     bit_planes,
+    bipolar_linear_reference,
     bitplane_matmul_reference,
     codes_to_bipolar,
     pack_planes,
@@ -15,10 +17,12 @@ from .reference import (
 )
 
 __all__ = [
+    "MAX_BITS",
     "affine_to_bipolar",
     "bipolar_limit",
     "bipolar_to_codes",
     "bit_planes",
+    "bipolar_linear_reference",
     "bitplane_matmul_reference",
     "codes_to_bipolar",
     "pack_planes",

@@ -130,3 +130,57 @@ def _padding_correction(x_packed, w_packed, k: int, padded_k: int) -> torch.Tens
     scale = sum(1 << (i + j) for i in range(p) for j in range(q))
     return torch.full((x_packed.shape[1], w_packed.shape[1]), (padded_k - k) * scale, dtype=torch.int64,
                       device=x_packed.device)
+
+
+def group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[..., K]`` -> ``[..., groups, g]`` with a zero-padded partial last group (``group_size=-1``: one group)."""
+    k = x.shape[-1]
+    group = k if group_size == -1 else group_size
+    groups = -(-k // group)
+    return torch.nn.functional.pad(x, (0, groups * group - k)).unflatten(-1, (groups, group))
+
+
+def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic symmetric bipolar quantization: ``x [..., K]`` -> ``(values int32 [..., K], scale
+    [..., 1])`` with ``x ~ scale * values`` and ``|values| <= 2^bits - 1``."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / bipolar_limit(bits)
+    return round_to_bipolar(x.float() / scale, bits), scale
+
+
+def bipolar_linear_reference(
+    x: torch.Tensor,
+    weight_planes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    act_bits: int | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b`` with ``W = scales * V + offsets`` per group of ``V``'s bipolar values.
+
+    Args:
+        x: ``[..., in_features]`` activations.
+        weight_planes: ``[w_bits, out, ceil(in/8)]`` packed +-1 planes of ``V`` (see :func:`pack_planes`).
+        scales, offsets: ``[groups, out]`` float32.
+        act_bits: None keeps activations in floating point (weight-only); else they are quantized per token to
+            ``act_bits``-bit bipolar and the integer products ``V_x V^T`` are exact per group (float64 holds every
+            partial sum: ``|v| <= 255`` and groups of at most 65,536 inputs).
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+    """
+    values = planes_to_bipolar(unpack_planes(weight_planes, in_features))  # [out, in]
+    grouped_w = group_view(values.double(), group_size)  # [out, groups, g]
+    if act_bits is None:
+        weight = grouped_w * scales.t().double()[..., None] + offsets.t().double()[..., None]
+        return torch.nn.functional.linear(x, weight.flatten(1)[:, :in_features].to(x.dtype),
+                                          None if bias is None else bias.to(x.dtype))
+    x_values, x_scale = quantize_activations(x, act_bits)
+    grouped_x = group_view(x_values.double(), group_size)  # [..., groups, g]
+    products = torch.einsum("...gk,ogk->...go", grouped_x, grouped_w)  # exact integers
+    y = (products * scales.double()).sum(-2) + grouped_x.sum(-1) @ offsets.double()
+    y = y * x_scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
