@@ -9,12 +9,14 @@ import importlib
 
 from ._registry import register_all
 from .generation import SpeculativeConfig, disable_speculative, enable_speculative, self_draft
-from .quantizers import AwqConfig, AwqLinear, quantize
+from .quantizers import AwqConfig, AwqLinear, BipolarIntConfig, BipolarIntLinear, quantize
 
 __version__ = "0.1.0"
 __all__ = [
     "AwqConfig",
     "AwqLinear",
+    "BipolarIntConfig",
+    "BipolarIntLinear",
     "SpeculativeConfig",
     "assets",
     "disable_speculative",

@@ -14,12 +14,16 @@ from transformers.quantizers.auto import (
 from .attention import RING_ATTENTION, ring_attention_forward, ring_attention_mask
 from .generation import enable_speculative
 from .parallel.local_styles import local_styles
-from .quantizers import AwqConfig, AwqHfQuantizer
+from .quantizers import AwqConfig, AwqHfQuantizer, BipolarIntConfig, BipolarIntHfQuantizer
 from .quantizers.awq.config import QUANT_METHOD as AWQ_METHOD
+from .quantizers.bipolar.config import QUANT_METHOD as BIPOLAR_METHOD
 from .quantizers.checkpoint import CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig
 from .quantizers.hooks import ON_QUANTIZED_MODEL
 
-QUANTIZATION_METHODS = {AWQ_METHOD: (AwqConfig, AwqHfQuantizer)}
+QUANTIZATION_METHODS = {
+    AWQ_METHOD: (AwqConfig, AwqHfQuantizer),
+    BIPOLAR_METHOD: (BipolarIntConfig, BipolarIntHfQuantizer),
+}
 
 
 def register_all() -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
-from .quantizers import AwqLinear
+from .quantizers import AwqLinear, BipolarIntLinear
 
-QUANTIZED_LINEAR_CLASSES = (AwqLinear,)
+QUANTIZED_LINEAR_CLASSES = (AwqLinear, BipolarIntLinear)
 
 
 class QuantizedLoraLinear(torch.nn.Module, LoraLayer):

@@ -5,8 +5,18 @@ from __future__ import annotations
 from .awq.config import AwqConfig
 from .awq.modules import AwqLinear
 from .awq.quantizer import AwqHfQuantizer, attach_quantizer, quantize_awq_
+from .bipolar.config import BipolarIntConfig
+from .bipolar.modules import BipolarIntLinear
+from .bipolar.quantizer import BipolarIntHfQuantizer, quantize_bipolar_
 
-__all__ = ["AwqConfig", "AwqHfQuantizer", "AwqLinear", "quantize"]
+__all__ = ["AwqConfig", "AwqHfQuantizer", "AwqLinear", "BipolarIntConfig", "BipolarIntHfQuantizer",
+           "BipolarIntLinear", "quantize"]
+
+# Config type -> (in-place quantize function, transformers quantizer).
+_METHODS = {
+    AwqConfig: (quantize_awq_, AwqHfQuantizer),
+    BipolarIntConfig: (quantize_bipolar_, BipolarIntHfQuantizer),
+}
 
 
 def quantize(model, config, calibration_data=None, tokenizer=None):
@@ -23,12 +33,14 @@ def quantize(model, config, calibration_data=None, tokenizer=None):
         The method's calibration report (None when nothing was calibrated). Afterwards ``model.save_pretrained``
         writes a checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads bit-identically.
     """
-    if not isinstance(config, AwqConfig):
-        raise TypeError(f"hf_plugins.quantize supports AwqConfig, got {type(config).__name__}.")
+    if type(config) not in _METHODS:
+        supported = ", ".join(cls.__name__ for cls in _METHODS)
+        raise TypeError(f"hf_plugins.quantize supports {supported}; got {type(config).__name__}.")
     if getattr(model, "is_quantized", False):
         raise ValueError(
             f"the model is already quantized ({getattr(model, 'quantization_method', '?')}); quantize a float model."
         )
-    resolved, report = quantize_awq_(model, config, calibration_data=calibration_data, tokenizer=tokenizer)
-    attach_quantizer(model, resolved)
+    quantize_fn, quantizer_cls = _METHODS[type(config)]
+    resolved, report = quantize_fn(model, config, calibration_data=calibration_data, tokenizer=tokenizer)
+    attach_quantizer(model, resolved, quantizer_cls)
     return report

@@ -38,4 +38,21 @@ ROWS = [
             (dict(clip="yes"), ValueError, r"AwqConfig\.clip must be True, False or 'auto', got 'yes'"),
         ],
     ),
+    ContractRow(
+        name="bipolar-w4-awq",
+        make_config=lambda **kw: hf_plugins.BipolarIntConfig(
+            **{"w_bits": 4, "group_size": 32, "scale_search": "awq", "calibration_samples": 4,
+               "calibration_seq_len": 32, **kw}
+        ),
+        quantized_module=hf_plugins.BipolarIntLinear,
+        logits_snr_floor_db=12.0,
+        bad_configs=[
+            (dict(w_bits=9), ValueError, r"BipolarIntConfig\.w_bits must be one of 1\.\.8, got 9"),
+            (dict(a_bits=0), ValueError, r"BipolarIntConfig\.a_bits must be one of 1\.\.8, got 0"),
+            (dict(group_size=100), ValueError, r"BipolarIntConfig\.group_size must be one of \[32, 64, 128, -1\]"),
+            (dict(scale_search="gptq"), ValueError, r"BipolarIntConfig\.scale_search must be None or 'awq'"),
+            (dict(calibration="pile"), ValueError, r"BipolarIntConfig\.calibration must be one of"),
+            (dict(wbits=3), ValueError, r"BipolarIntConfig got unknown keys \['wbits'\]"),
+        ],
+    ),
 ]

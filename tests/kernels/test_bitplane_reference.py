@@ -42,7 +42,8 @@ def test_signed_and_affine_int_convert_losslessly(bits):
     # w = s (u - z) over all codes u, for a few scales and zero points, equals s' v + o exactly (float64).
     codes = torch.arange(1 << bits, dtype=torch.float64)
     # Dyadic scales make every product exact in float64, so equality shows the rewrite loses nothing.
-    scale, zero = torch.tensor([0.375, 1.5, 2.0], dtype=torch.float64), torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64)
+    scale = torch.tensor([0.375, 1.5, 2.0], dtype=torch.float64)
+    zero = torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64)
     new_scale, offset = affine_to_bipolar(scale, zero, bits)
     bipolar = codes_to_bipolar(codes.long(), bits).double()
     assert torch.equal(scale[:, None] * (codes - zero[:, None]), new_scale[:, None] * bipolar + offset[:, None])

@@ -20,7 +20,7 @@ def _linear(in_features=100, out_features=24, bias=True, seed=0):
 def test_bipolar_weights_are_the_integer_grid_rewritten_losslessly(w_bits, group_size):
     linear = _linear()  # in_features=100: a partial last group of 4 with groups of 32
     layer = BipolarIntLinear.from_linear(linear, w_bits, None, group_size)
-    expected = fake_quantize(linear.weight.detach(), w_bits, group_size, scale_dtype=torch.float32)
+    expected = fake_quantize(linear.weight.detach(), w_bits, group_size)
     assert max_rel_error(layer.dequantized_weight(), expected) <= FLOAT_KERNEL_RTOL[torch.float32]
     values = layer.bipolar_values()
     assert bool((values % 2 != 0).all()) and int(values.abs().max()) <= 2**w_bits - 1
@@ -44,8 +44,10 @@ def test_weight_and_activation_path_equals_the_bit_plane_decomposition(w_bits, a
     expected = torch.zeros(3, 24, dtype=torch.float64)
     for g in range(2):  # per group: exact integer products from the planes, then scales and offsets
         cols = slice(32 * g, 32 * (g + 1))
-        integer = bitplane_matmul_reference(bit_planes(x_values[:, cols], a_bits), bit_planes(weight_values[:, cols], w_bits))
-        expected += integer.double() * layer.scales[g].double() + x_values[:, cols].sum(-1, keepdim=True).double() * layer.offsets[g].double()
+        x_planes, w_planes = bit_planes(x_values[:, cols], a_bits), bit_planes(weight_values[:, cols], w_bits)
+        integer = bitplane_matmul_reference(x_planes, w_planes).double()
+        row_sums = x_values[:, cols].sum(-1, keepdim=True).double()
+        expected += integer * layer.scales[g].double() + row_sums * layer.offsets[g].double()
     expected *= x_scale.double()
     assert max_rel_error(layer(x), expected) <= FLOAT_KERNEL_RTOL[torch.float32]
 
@@ -58,6 +60,17 @@ def test_quality_rises_with_bits():
     assert weight_only == sorted(weight_only) and weight_only[-1] > 40
     with_activations = [sqnr_db(BipolarIntLinear.from_linear(linear, 8, bits, 64)(x), exact) for bits in (2, 4, 8)]
     assert with_activations == sorted(with_activations) and with_activations[-1] > 30
+
+
+def test_activation_rounding_passes_gradients_straight_through():
+    layer = BipolarIntLinear.from_linear(_linear(in_features=64, bias=False), 4, 4, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    grad_out = torch.randn(3, 24)
+    y = layer(x)
+    y.backward(grad_out)
+    with torch.no_grad():
+        assert torch.equal(y, layer(x))  # the value is the quantized output, untouched by the estimator
+    assert max_rel_error(x.grad, grad_out @ layer.dequantized_weight()) <= FLOAT_KERNEL_RTOL[torch.float32]
 
 
 def test_state_dict_round_trip_is_bit_identical():
@@ -73,3 +86,47 @@ def test_bad_bits_raise_with_the_range():
         BipolarIntLinear(8, 8, 9, None, 8, bias=False)
     with pytest.raises(ValueError, match=r"BipolarIntLinear\.a_bits must be an int in 1\.\.8, got 0"):
         BipolarIntLinear(8, 8, 4, 0, 8, bias=False)
+
+
+def test_lora_learns_through_activation_quantized_layers():
+    import hf_plugins
+    from peft import LoraConfig, get_peft_model
+
+    from tests.quantizers.tiny_models import VOCAB_SIZE, tiny_model
+
+    model = tiny_model("llama")[0]
+    hf_plugins.quantize(model, hf_plugins.BipolarIntConfig(w_bits=4, a_bits=8, group_size=32))
+    lora = hf_plugins.register_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(model, lora)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    prompt = torch.randint(3, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = peft_model(prompt, labels=prompt).loss
+        loss.backward()
+        # The lowest layer's adapters get a gradient across the activation-quantized layers above them.
+        lowest = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        assert lowest.lora_B["default"].weight.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_w4_bipolar_with_awq_search_is_awq_w4_rewritten(monkeypatch):
+    import copy
+
+    import hf_plugins
+    from tests.quantizers.tiny_models import VOCAB_SIZE, tiny_model
+
+    monkeypatch.setenv("HF_PLUGINS_BACKEND", "reference")  # AWQ's exact fp32 kernel, like the bipolar reference
+    float_model = tiny_model("qwen2")[0]
+    calibration = torch.randint(3, VOCAB_SIZE, (4, 32), generator=torch.Generator().manual_seed(1))
+    awq, bipolar = copy.deepcopy(float_model), copy.deepcopy(float_model)
+    hf_plugins.quantize(awq, hf_plugins.AwqConfig(bits=4, group_size=32, clip=False), calibration_data=calibration)
+    hf_plugins.quantize(bipolar, hf_plugins.BipolarIntConfig(w_bits=4, group_size=32, scale_search="awq", clip=False),
+                        calibration_data=calibration)
+    prompt = torch.randint(3, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert max_rel_error(bipolar(prompt).logits, awq(prompt).logits) <= FLOAT_KERNEL_RTOL[torch.float32]
+        assert sqnr_db(bipolar(prompt).logits, float_model(prompt).logits) > 12

@@ -14,7 +14,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..calibration_data import calibration_blocks, resolve_texts
 from ..checkpoint import mark_config, unmark_config
 from ..hooks import run_on_quantized_model
-from .config import CLIP_VALIDATION_SAMPLES, QUANT_METHOD, AwqConfig
+from .config import CLIP_VALIDATION_SAMPLES, AwqConfig
 from .modules import AwqLinear
 
 logger = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ def _calibration_ids(
     the text that follows (None when the text runs out or the caller passed token ids)."""
     data = calibration_data if calibration_data is not None else config.calibration
     if data is None or (isinstance(data, str) and data == "custom"):
+        name = type(config).__name__
         raise ValueError(
-            "AWQ needs calibration data (scale_search or clip is on): pass calibration_data=texts, or set "
-            "AwqConfig(calibration='wiki'), or disable both searches for plain RTN."
+            f"{name} needs calibration data for its activation-aware searches: pass calibration_data=texts, or set "
+            f"{name}(calibration='wiki'), or turn the searches off for plain RTN."
         )
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.long or data.dim() != 2:
@@ -82,28 +83,38 @@ def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=Non
     Returns the resolved config (exact skipped-module list, no tokenizer or inline text) and the AWQ report
     (None for RTN).
     """
+    search = None
+    if config.needs_calibration:
+        search = dict(bits=config.bits, group_size=config.group_size, scale_search=config.scale_search,
+                      n_grid=config.n_grid, duo_scaling=config.duo_scaling, clip=config.clip,
+                      quantized_inputs=config.quantized_inputs)
+    return search_and_pack_(
+        model, config, lambda linear: AwqLinear.from_linear(linear, config.bits, config.group_size),
+        f"Packing W{config.bits} g{config.group_size}", search, calibration_data, tokenizer,
+    )
+
+
+def search_and_pack_(model, config, pack, label: str, search: dict | None, calibration_data=None,
+                     tokenizer=None) -> tuple[Any, Any]:
+    """Run AWQ's activation-aware searches with ``search`` (``apply_awq`` keyword arguments; None: plain RTN),
+    then replace every converted linear by ``pack(linear)``, in place. Any method whose grid is AWQ's integer
+    grid (or a lossless rewrite of it) reuses the searches this way.
+
+    ``config`` needs ``modules_to_not_convert``, the calibration fields (``calibration``, ``calibration_samples``,
+    ``calibration_seq_len``, ``clip``, ``tokenizer``) and ``with_skipped_modules``. Returns the resolved config
+    and the AWQ report (None without a search).
+    """
     skip = resolve_skipped_modules(model, config)
     report = None
-    if config.needs_calibration:
+    if search is not None:
         from .algorithm import apply_awq
 
         ids, validation_ids = _calibration_ids(model, config, calibration_data, tokenizer)
-        report = apply_awq(
-            model,
-            ids.to(model.device),
-            validation_ids=validation_ids,
-            bits=config.bits,
-            group_size=config.group_size,
-            modules_to_not_convert=frozenset(skip),
-            scale_search=config.scale_search,
-            n_grid=config.n_grid,
-            duo_scaling=config.duo_scaling,
-            clip=config.clip,
-            quantized_inputs=config.quantized_inputs,
-        )
+        report = apply_awq(model, ids.to(model.device), validation_ids=validation_ids,
+                           modules_to_not_convert=frozenset(skip), **search)
     names = linears_to_quantize(model, skip)
-    for name in tqdm(names, desc=f"Packing W{config.bits} g{config.group_size}", unit="linear", leave=False):
-        model.set_submodule(name, AwqLinear.from_linear(model.get_submodule(name), config.bits, config.group_size))
+    for name in tqdm(names, desc=label, unit="linear", leave=False):
+        model.set_submodule(name, pack(model.get_submodule(name)))
     resolved = config.with_skipped_modules(skip)
     resolved.tokenizer = None
     if isinstance(resolved.calibration, list):
@@ -111,27 +122,39 @@ def quantize_awq_(model, config: AwqConfig, calibration_data=None, tokenizer=Non
     return resolved, report
 
 
-def attach_quantizer(model, config: AwqConfig) -> None:
+def attach_quantizer(model, config, quantizer_cls: type | None = None) -> None:
     """Make an in-place quantized model look exactly like one loaded from a quantized checkpoint."""
-    model.hf_quantizer = AwqHfQuantizer(config, pre_quantized=True)
+    model.hf_quantizer = (quantizer_cls or AwqHfQuantizer)(config, pre_quantized=True)
     model.config.quantization_config = config
     model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    model.quantization_method = config.quant_method
     model.config._is_quantized = True
     mark_config(model.config)
     run_on_quantized_model(model)
 
 
-class AwqHfQuantizer(HfQuantizer):
-    """Loads our AWQ checkpoints (modules built on meta, packed tensors loaded as they are) and quantizes float
-    checkpoints inside ``from_pretrained`` by calibrating after the float weights are loaded."""
+class PackedLinearQuantizer(HfQuantizer):
+    """Shared transformers quantizer of our packed-linear methods: loads their checkpoints (modules built on meta,
+    packed tensors loaded as they are) and quantizes float checkpoints inside ``from_pretrained`` after the float
+    weights load. A method supplies ``module_cls``, :meth:`empty_module` and :meth:`quantize_`."""
 
     requires_calibration = False
+    module_cls: type = nn.Module
+    method_name = "quantized"
+
+    def empty_module(self, linear: nn.Linear, dtype) -> nn.Module:
+        """The method's module for ``linear``'s shape, on ``meta``, ready to receive a checkpoint."""
+        raise NotImplementedError
+
+    def quantize_(self, model) -> Any:
+        """Quantize the float ``model`` in place with ``self.quantization_config``; return the resolved config."""
+        raise NotImplementedError
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
-                "AWQ models cannot be offloaded to disk (device_map has 'disk'); give the layers cpu or cuda devices."
+                f"{self.method_name} models cannot be offloaded to disk (device_map has 'disk'); give the layers "
+                "cpu or cuda devices."
             )
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -140,32 +163,24 @@ class AwqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
         if not self.pre_quantized:
             return model
-        config = self.quantization_config
-        skip = config.modules_to_not_convert or []
+        skip = self.quantization_config.modules_to_not_convert or []
         for name in linears_to_quantize(model, skip):
             linear = model.get_submodule(name)
             with torch.device("meta"):
-                module = AwqLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    config.bits,
-                    config.group_size,
-                    bias=linear.bias is not None,
-                    dtype=dtype or linear.weight.dtype,
-                )
+                module = self.empty_module(linear, dtype or linear.weight.dtype)
             model.set_submodule(name, module)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if (getattr(model, "_tp_size", None) or 1) > 1:
-            # transformers' styles shard parameters; AWQ keeps packed codes in buffers with group constraints.
+            # transformers' styles shard parameters; our modules keep packed codes in buffers with group constraints.
             raise ValueError(
-                "AWQ does not load through from_pretrained(distributed_config=...) tensor parallelism: load the "
-                "model on every rank without distributed_config, then call hf_plugins.parallel.tensor_parallel("
-                "model), which shards AWQ layers along whole quantization groups."
+                f"{self.method_name} does not load through from_pretrained(distributed_config=...) tensor "
+                "parallelism: load the model on every rank without distributed_config, then call "
+                "hf_plugins.parallel.tensor_parallel(model), which shards AWQ layers along whole quantization groups."
             )
         if not self.pre_quantized:
-            resolved, _ = quantize_awq_(model, self.quantization_config)
+            resolved = self.quantize_(model)
             self.quantization_config = resolved
             model.config.quantization_config = resolved
         mark_config(model.config)
@@ -174,7 +189,7 @@ class AwqHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         for name, module in list(model.named_modules()):
-            if isinstance(module, AwqLinear):
+            if isinstance(module, self.module_cls):
                 linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                    device=module.scales.device, dtype=dtype or torch.float32)
                 with torch.no_grad():
@@ -192,3 +207,18 @@ class AwqHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         """Adapters (LoRA) train on top of the frozen quantized weights."""
         return True
+
+
+class AwqHfQuantizer(PackedLinearQuantizer):
+    """The transformers quantizer of ``AwqConfig``."""
+
+    module_cls = AwqLinear
+    method_name = "AWQ"
+
+    def empty_module(self, linear: nn.Linear, dtype) -> AwqLinear:
+        config = self.quantization_config
+        return AwqLinear(linear.in_features, linear.out_features, config.bits, config.group_size,
+                         bias=linear.bias is not None, dtype=dtype)
+
+    def quantize_(self, model) -> AwqConfig:
+        return quantize_awq_(model, self.quantization_config)[0]

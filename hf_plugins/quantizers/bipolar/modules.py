@@ -16,9 +16,10 @@ class BipolarIntLinear(nn.Module):
     """``y = x W^T + b`` for ``x [..., in_features]`` -> ``[..., out_features]``, ``W = scales * V + offsets`` per
     group of ``group_size`` inputs, ``V`` bipolar ``w_bits``-bit values stored as packed bit planes.
 
-    Buffers: ``weight_planes`` uint8 ``[w_bits, out, ceil(in/8)]`` (plane-major, least significant first),
-    ``scales`` and ``offsets`` float32 ``[groups, out]``, ``bias`` ``[out]`` or None. With ``a_bits`` the
-    activations are quantized per token to ``a_bits``-bit bipolar and the group products are exact integers.
+    Buffers: ``qweight`` (the packed planes; the name PEFT looks for) uint8 ``[w_bits, out, ceil(in/8)]``
+    (plane-major, least significant first), ``scales`` and ``offsets`` float32 ``[groups, out]``, ``bias``
+    ``[out]`` or None. With ``a_bits`` the activations are quantized per token to ``a_bits``-bit bipolar and the
+    group products are exact integers.
     """
 
     def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int | None, group_size: int,
@@ -30,7 +31,7 @@ class BipolarIntLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
         groups = num_groups(in_features, group_size)
-        self.register_buffer("weight_planes", torch.zeros(w_bits, out_features, -(-in_features // 8),
+        self.register_buffer("qweight", torch.zeros(w_bits, out_features, -(-in_features // 8),
                                                           dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, device=device))
         self.register_buffer("offsets", torch.zeros(groups, out_features, device=device))
@@ -46,7 +47,7 @@ class BipolarIntLinear(nn.Module):
         module = cls(linear.in_features, linear.out_features, w_bits, a_bits, group_size,
                      bias=linear.bias is not None, device=weight.device)
         planes, scales, offsets = quantize_weight_bipolar(weight, w_bits, group_size)
-        module.weight_planes.copy_(planes)
+        module.qweight.copy_(planes)
         module.scales.copy_(scales)
         module.offsets.copy_(offsets)
         if linear.bias is not None:
@@ -55,7 +56,7 @@ class BipolarIntLinear(nn.Module):
 
     def bipolar_values(self) -> torch.Tensor:
         """``V`` int32 ``[out, in]``, odd values in ``[-(2^w_bits - 1), 2^w_bits - 1]``."""
-        return planes_to_bipolar(unpack_planes(self.weight_planes, self.in_features))
+        return planes_to_bipolar(unpack_planes(self.qweight, self.in_features))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float32 weight ``[out, in]``."""
@@ -65,8 +66,18 @@ class BipolarIntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The reference path (exact integers with a_bits); the packed CPU and Triton kernels are not built yet.
-        return bipolar_linear_reference(x, self.weight_planes, self.scales, self.offsets, self.in_features,
-                                        self.group_size, self.a_bits, self.bias)
+        def quantized(x):
+            return bipolar_linear_reference(x, self.qweight, self.scales, self.offsets, self.in_features,
+                                            self.group_size, self.a_bits, self.bias)
+
+        if self.a_bits is None or not (torch.is_grad_enabled() and x.requires_grad):
+            return quantized(x)
+        # Straight-through estimator for the activation rounding: the value is the quantized output, the
+        # gradient that of the dequantized-weight linear (adapters below this layer keep learning).
+        with torch.no_grad():
+            y = quantized(x)
+        surrogate = nn.functional.linear(x, self.dequantized_weight().to(x.dtype))
+        return y + (surrogate - surrogate.detach())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "

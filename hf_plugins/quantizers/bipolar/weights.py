@@ -18,7 +18,8 @@ def quantize_weight_bipolar(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``weight [out, in]`` -> ``(packed planes [bits, out, ceil(in/8)] uint8, scales [groups, out],
     offsets [groups, out])`` float32, with ``w ~ scales * v + offsets`` per group."""
-    codes, scales, zeros = quantize_groupwise(weight, bits, group_size, scale_dtype=torch.float32)
+    # AWQ's own grid (fp16-exact scales, as its checkpoints store them), so searches and results carry over.
+    codes, scales, zeros = quantize_groupwise(weight, bits, group_size)
     values = codes_to_bipolar(codes, bits)
     bipolar_scales, offsets = affine_to_bipolar(scales, zeros, bits)
     return pack_planes(bit_planes(values, bits)), bipolar_scales.t().contiguous(), offsets.t().contiguous()
