@@ -40,9 +40,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     quant = sub.add_parser("quantize", help="quantize a model folder or packaged model id and save it")
     quant.add_argument("model", help="a model folder or a packaged model id (e.g. smollm2-135m)")
-    quant.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    quant.add_argument("--method", choices=["awq", "rtn", "bipolar-int"], default="awq")
     quant.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     _add_quant_args(quant)
+    quant.add_argument("--w-bits", type=int, default=None, help="bipolar-int weight bits, 1..8 (default --bits)")
+    quant.add_argument("--a-bits", type=int, default=None, help="bipolar-int activation bits, 1..8 (default: float)")
+    quant.add_argument("--scale-search", choices=["awq", "none"], default="awq",
+                       help="bipolar-int: AWQ's activation-aware scales on the integer grid, or plain RTN")
 
     evaluate = sub.add_parser("eval", help="held-out perplexity of a model folder or packaged model id")
     evaluate.add_argument("model")
@@ -56,19 +60,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _quant_config(args: argparse.Namespace, method: str):
-    from . import AwqConfig
+    from . import AwqConfig, BipolarIntConfig
 
     extra = {}
     if args.calibration_samples is not None:
         extra["calibration_samples"] = args.calibration_samples
     if args.calibration_seq_len is not None:
         extra["calibration_seq_len"] = args.calibration_seq_len
-    searches = method == "awq"
+    searches = method == "awq" or (method == "bipolar-int" and getattr(args, "scale_search", "none") == "awq")
     clip = {"auto": "auto", "on": True, "off": False}[args.clip] if searches else False
+    if method == "bipolar-int":
+        return BipolarIntConfig(
+            w_bits=args.w_bits or args.bits, a_bits=args.a_bits, group_size=args.group_size,
+            calibration=args.calibration if searches else None, scale_search="awq" if searches else None,
+            clip=clip, **extra,
+        )
     return AwqConfig(
         bits=args.bits, group_size=args.group_size, calibration=args.calibration if searches else None,
         scale_search=searches, clip=clip, **extra,
     )
+
+
+def _bits_label(config) -> str:
+    if hasattr(config, "w_bits"):
+        return f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
+    return f"W{config.bits}"
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -81,7 +97,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if report is not None:
         print(report)
     save_atomically(model, tokenizer, args.out)
-    print(f"saved {args.method.upper()} W{args.bits} g{args.group_size} model to {args.out}")
+    print(f"saved {args.method.upper()} {_bits_label(config)} g{args.group_size} model to {args.out}")
     return 0
 
 
