@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from ..config_base import PluginQuantizationConfig
 
 QUANT_METHOD = "hf_plugins_awq"
 """Our ``quant_method``: distinct from transformers' built-in ``"awq"`` so both can coexist."""
@@ -41,7 +40,7 @@ _FIELDS = (
 _IGNORED_KEYS = {"quant_method", "tokenizer"}
 
 
-class AwqConfig(QuantizationConfigMixin):
+class AwqConfig(PluginQuantizationConfig):
     """Activation-aware weight quantization (AWQ) to ``bits``-bit integers with integer zero points.
 
     Args:
@@ -80,6 +79,8 @@ class AwqConfig(QuantizationConfigMixin):
 
     With ``scale_search=False`` and ``clip=False`` this is plain round-to-nearest (RTN) in the same format.
     """
+
+    FIELDS = _FIELDS
 
     def __init__(
         self,
@@ -144,27 +145,6 @@ class AwqConfig(QuantizationConfigMixin):
     def needs_calibration(self) -> bool:
         """True when quantizing needs calibration activations (scale or clip search)."""
         return self.scale_search or self.clip is not False
-
-    def with_skipped_modules(self, modules: list[str]) -> "AwqConfig":
-        """A copy whose ``modules_to_not_convert`` is exactly ``modules``; the user's config is never mutated."""
-        resolved = copy.copy(self)
-        resolved.modules_to_not_convert = sorted(set(modules))
-        return resolved
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe fields: the tokenizer is dropped and inline calibration text is recorded as ``"custom"``."""
-        out = {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}
-        if isinstance(self.calibration, list):
-            out["calibration"] = "custom"
-        out["quant_method"] = self.quant_method
-        return out
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "quant_method")
-        return f"AwqConfig({fields})"
 
 
 def _check_int(name: str, value: Any, allowed) -> None:

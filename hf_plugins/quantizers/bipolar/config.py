@@ -3,12 +3,10 @@ activations), a transformers quantization config."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from transformers.utils.quantization_config import QuantizationConfigMixin
-
 from ..awq.config import CALIBRATION_ASSETS, is_clip_choice
+from ..config_base import PluginQuantizationConfig
 
 QUANT_METHOD = "hf_plugins_bipolar_int"
 ALLOWED_BITS = range(1, 9)
@@ -29,7 +27,7 @@ _FIELDS = (
 _IGNORED_KEYS = {"quant_method", "tokenizer"}
 
 
-class BipolarIntConfig(QuantizationConfigMixin):
+class BipolarIntConfig(PluginQuantizationConfig):
     """Bipolar-INT quantization: each weight bit stands for -1 or +1 (values the odd integers in
     ``[-(2^n - 1), 2^n - 1]``), stored as bit planes for bit-level decomposed matmuls.
 
@@ -52,6 +50,8 @@ class BipolarIntConfig(QuantizationConfigMixin):
             always is). Default: None.
         tokenizer: tokenizer of the calibration text; not serialized.
     """
+
+    FIELDS = _FIELDS
 
     def __init__(self, w_bits: int = 4, a_bits: int | None = None, group_size: int = 128,
                  calibration: str | list[str] | None = None, calibration_samples: int = 8,
@@ -97,25 +97,6 @@ class BipolarIntConfig(QuantizationConfigMixin):
             return None
         return dict(bits=self.w_bits, group_size=self.group_size, scale_search=True, n_grid=20, duo_scaling=True,
                     clip=self.clip, quantized_inputs=True)
-
-    def with_skipped_modules(self, modules: list[str]) -> BipolarIntConfig:
-        resolved = copy.copy(self)
-        resolved.modules_to_not_convert = sorted(set(modules))
-        return resolved
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: copy.deepcopy(getattr(self, name)) for name in _FIELDS}
-        if isinstance(self.calibration, list):
-            out["calibration"] = "custom"
-        out["quant_method"] = self.quant_method
-        return out
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "quant_method")
-        return f"BipolarIntConfig({fields})"
 
 
 def _check_int(name: str, value: Any, allowed) -> None:
