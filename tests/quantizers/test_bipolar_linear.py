@@ -130,3 +130,25 @@ def test_w4_bipolar_with_awq_search_is_awq_w4_rewritten(monkeypatch):
     with torch.no_grad():
         assert max_rel_error(bipolar(prompt).logits, awq(prompt).logits) <= FLOAT_KERNEL_RTOL[torch.float32]
         assert sqnr_db(bipolar(prompt).logits, float_model(prompt).logits) > 12
+
+
+@pytest.mark.parametrize("w_bits", [2, 3, 4])
+def test_weight_only_cpu_path_runs_awqs_int4_kernel_on_the_same_weights(w_bits, monkeypatch):
+    linear = _linear(in_features=128, out_features=64)
+    layer = BipolarIntLinear.from_linear(linear, w_bits, None, 32)
+    assert layer.awq_form() is not None
+    x = torch.randn(3, 7, 128)
+    fast = layer(x)
+    assert layer._cpu_weight is not None  # the prepacked int4 form served the call
+    monkeypatch.setenv("HF_PLUGINS_BACKEND", "reference")
+    exact = layer(x)
+    assert max_rel_error(fast, exact) <= FLOAT_KERNEL_RTOL[torch.bfloat16]  # the int4 kernel runs bf16 activations
+
+
+def test_layers_without_an_awq_form_keep_the_reference_path():
+    assert BipolarIntLinear.from_linear(_linear(in_features=64, out_features=24), 5, None, 32).awq_form() is None
+    assert BipolarIntLinear.from_linear(_linear(in_features=64, out_features=20), 4, None, 32).awq_form() is None
+    layer = BipolarIntLinear.from_linear(_linear(in_features=64, out_features=24), 4, None, 32)
+    layer.offsets += 0.3 * layer.scales  # offsets off the integer grid
+    layer._release_caches()
+    assert layer.awq_form() is None

@@ -143,7 +143,7 @@ class AwqLinear(nn.Module):
             # Other bit widths have no packed kernel: a transient dequantized weight, freed after the call.
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedMatmul.apply(x, self)
+            return PackedMatmul.apply(x, self)
         return self.packed_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,9 +202,10 @@ class AwqLinear(nn.Module):
         )
 
 
-class _PackedMatmul(torch.autograd.Function):
+class PackedMatmul(torch.autograd.Function):
     """The packed kernel forward with a gradient for ``x`` only (weights are frozen integers), so adapters such
-    as LoRA train on top; the backward uses a transient dequantized weight."""
+    as LoRA train on top; the backward uses a transient dequantized weight. Any module with ``packed_forward(x)``
+    and ``dequantized_weight()`` can use it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: AwqLinear) -> torch.Tensor:

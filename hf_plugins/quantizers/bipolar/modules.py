@@ -3,13 +3,28 @@ with per-token bipolar activations (1..8 bits)."""
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
+from ...kernels._dispatch import choose_backend
+from ...kernels.awq_gemm import CpuAwqWeight, awq_gemm, awq_gemm_cpu, pack_awq, prepack
 from ...kernels.bitplane_gemm import MAX_BITS, bipolar_linear_reference, planes_to_bipolar, unpack_planes
 from ...kernels.bitplane_gemm.reference import group_view
 from ..awq.int_quant import num_groups
+from ..awq.modules import PackedMatmul
 from .weights import quantize_weight_bipolar
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_reference_path(w_bits: int, in_features: int, out_features: int) -> None:
+    """Once per layer shape: a slow path off the reference backend is never silent."""
+    logger.warning("bipolar W%d %dx%d runs the reference path: no packed kernel for it yet", w_bits, in_features,
+                   out_features)
 
 
 class BipolarIntLinear(nn.Module):
@@ -39,6 +54,8 @@ class BipolarIntLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
+        self._awq_form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cpu_weight: CpuAwqWeight | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int, a_bits: int | None, group_size: int) -> BipolarIntLinear:
@@ -64,8 +81,69 @@ class BipolarIntLinear(nn.Module):
         weight = grouped * self.scales.t()[..., None] + self.offsets.t()[..., None]
         return weight.flatten(1)[:, : self.in_features]
 
+    def awq_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(qweight, qzeros, scales)`` in AWQ's int4 "GEMM" layout holding exactly these weights, or None.
+
+        Weight-only bipolar weights of at most 4 bits with integer zero points (any rewrite of an integer grid,
+        which is what our quantizer stores) are AWQ weights: ``s' v + o = 2s' (u - z)`` with ``u = (v + L)/2``
+        and ``z = (s' L - o) / (2s')``. They then run on AWQ's packed CPU and Triton int4 kernels.
+        """
+        if self._awq_form is not None:
+            return self._awq_form
+        if self.w_bits > 4 or self.out_features % 8 or self.scales.device.type == "meta":
+            return None
+        limit = 2**self.w_bits - 1
+        scales = 2 * self.scales.float()
+        zeros = (self.scales.float() * limit - self.offsets.float()) / scales.clamp_min(1e-30)
+        rounded = zeros.round()
+        exact = bool((scales.half().float() == scales).all()) and torch.allclose(zeros, rounded, atol=1e-3)
+        if not exact or rounded.min() < 0 or rounded.max() > 15:
+            return None
+        codes = (self.bipolar_values() + limit) // 2  # [out, in] in [0, 2^w_bits)
+        self._awq_form = (pack_awq(codes.t()), pack_awq(rounded.to(torch.int32)), scales.half())
+        return self._awq_form
+
+    def _release_caches(self) -> None:
+        self._awq_form, self._cpu_weight = None, None
+
+    def _apply(self, fn, recurse=True):
+        self._release_caches()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._release_caches()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
+        """Weight-only layers with an AWQ form run AWQ's int4 kernels unless the reference backend is chosen
+        (others run the reference path, with a warning off the reference backend)."""
+        if self.a_bits is not None:
+            return False
+        backend = choose_backend("bitplane_gemm", x.device)
+        if backend == "reference":
+            return False
+        if self.awq_form() is None:
+            _warn_reference_path(self.w_bits, self.in_features, self.out_features)
+            return False
+        return True
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] -> [..., out]`` through AWQ's int4 kernel of ``x``'s device (needs :meth:`awq_form`)."""
+        backend = choose_backend("bitplane_gemm", x.device)
+        group = self.in_features if self.group_size == -1 else self.group_size
+        if backend == "cpu":
+            if self._cpu_weight is None:
+                self._cpu_weight = prepack(*self.awq_form(), group)
+            return awq_gemm_cpu(x, self._cpu_weight, self.bias)
+        return awq_gemm(x, *self.awq_form(), group, bias=self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The reference path (exact integers with a_bits); the packed CPU and Triton kernels are not built yet.
+        if self._uses_packed_kernel(x):
+            if torch.is_grad_enabled() and x.requires_grad:
+                return PackedMatmul.apply(x, self)
+            return self.packed_forward(x)
+
+        # The reference path: exact integer group products with a_bits.
         def quantized(x):
             return bipolar_linear_reference(x, self.qweight, self.scales, self.offsets, self.in_features,
                                             self.group_size, self.a_bits, self.bias)
