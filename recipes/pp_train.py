@@ -14,22 +14,15 @@ each rank next to Megatron-LM's ``(p-1)/m`` (``(p-1)/(v m)`` interleaved), and e
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_plugins.assets import MODELS, load_model, load_text
+from hf_plugins.assets import load_text
+from hf_plugins.demo import load_any
 from hf_plugins.parallel.pipeline import BALANCES, SCHEDULES, build_pipeline
-
-
-def load(name: str):
-    if name in MODELS:
-        return load_model(name)
-    return AutoModelForCausalLM.from_pretrained(Path(name)), AutoTokenizer.from_pretrained(name)
 
 
 def token_blocks(tokenizer, seq_len: int, count: int) -> torch.Tensor:
@@ -61,7 +54,7 @@ def main() -> None:
                          "N` starts one; use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
                          "--num_machines 1 ...` (see this file's docstring).")
     with accelerator.main_process_first():
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_any(args.model)
     model.to(accelerator.device).train()
     pipeline = build_pipeline(model, schedule=args.schedule, microbatches=args.microbatches,
                               stages_per_rank=args.stages_per_rank, balance=args.balance, seq_len=args.seq_len)

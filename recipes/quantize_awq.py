@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import AwqConfig
-from hf_plugins.assets import load_model, load_text
-from hf_plugins.evaluation import perplexity
+from hf_plugins.demo import heldout_perplexity, load_any
 
 
 def main() -> None:
@@ -31,12 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. Load a float model (a packaged real model or a local folder).
-    if Path(args.model).is_dir():
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    else:
-        model, tokenizer = load_model(args.model)
-    eval_docs = load_text("wiki", split="evaluation")[: args.eval_docs]
-    fp_ppl = perplexity(model, tokenizer, eval_docs, window=512, max_chars=6000).perplexity
+    model, tokenizer = load_any(args.model)
+    fp_ppl = heldout_perplexity(model, tokenizer, "wiki", args.eval_docs)
 
     # 2. Quantize in place with calibration text (the calibration split never overlaps the evaluation split).
     config = AwqConfig(bits=args.bits, group_size=args.group_size)
@@ -46,7 +41,7 @@ def main() -> None:
     print(f"calibrated and packed in {time.perf_counter() - start:.1f} s")
 
     # 3. Evaluate.
-    q_ppl = perplexity(model, tokenizer, eval_docs, window=512, max_chars=6000).perplexity
+    q_ppl = heldout_perplexity(model, tokenizer, "wiki", args.eval_docs)
     print(f"held-out wiki perplexity: float {fp_ppl:.3f} -> AWQ W{args.bits} g{args.group_size} {q_ppl:.3f}")
 
     # 4. Save (safetensors) and reload with plain transformers (after `import hf_plugins`).

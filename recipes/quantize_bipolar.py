@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import BipolarIntConfig
-from hf_plugins.assets import load_model, load_text
-from hf_plugins.evaluation import perplexity
+from hf_plugins.demo import heldout_perplexity, load_any
 
 
 def main() -> None:
@@ -35,12 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. Load a float model (a packaged real model or a local folder) and measure its held-out perplexity.
-    if Path(args.model).is_dir():
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    else:
-        model, tokenizer = load_model(args.model)
-    eval_docs = load_text("wiki", split="evaluation")[: args.eval_docs]
-    fp_ppl = perplexity(model, tokenizer, eval_docs, window=512, max_chars=6000).perplexity
+    model, tokenizer = load_any(args.model)
+    fp_ppl = heldout_perplexity(model, tokenizer, "wiki", args.eval_docs)
 
     # 2. Quantize in place: AWQ's searches on the integer grid (optional), rewritten to bipolar bit planes.
     search = args.scale_search == "awq"
@@ -55,7 +50,7 @@ def main() -> None:
 
     # 3. Evaluate.
     name = f"W{args.w_bits}" + (f"A{args.a_bits}" if args.a_bits else "")
-    q_ppl = perplexity(model, tokenizer, eval_docs, window=512, max_chars=6000).perplexity
+    q_ppl = heldout_perplexity(model, tokenizer, "wiki", args.eval_docs)
     print(f"held-out wiki perplexity: float {fp_ppl:.3f} -> bipolar {name} g{args.group_size} {q_ppl:.3f}")
 
     # 4. Save (safetensors) and reload with plain transformers (after `import hf_plugins`).

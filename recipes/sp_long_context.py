@@ -16,23 +16,16 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_plugins  # noqa: F401 - registers ring_attention
-from hf_plugins.assets import MODELS, load_model, load_text
+from hf_plugins.assets import load_text
+from hf_plugins.demo import load_any
 from hf_plugins.parallel.sequence import shard_for_group, sharded_next_token_loss
-
-
-def load(name: str):
-    if name in MODELS:
-        return load_model(name)
-    return AutoModelForCausalLM.from_pretrained(Path(name)), AutoTokenizer.from_pretrained(name)
 
 
 def long_sequence(tokenizer, length: int) -> torch.Tensor:
@@ -57,7 +50,7 @@ def main() -> None:
         accelerator.print("One process: the whole sequence stays on it. On CPUs, `accelerate launch --cpu "
                           "--num_processes N` starts one process; see this file's docstring.")
     with accelerator.main_process_first():
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_any(args.model)
     model.to(accelerator.device).train()
     model.set_attn_implementation("ring_attention")
     if args.checkpointing:

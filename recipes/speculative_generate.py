@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_plugins
 from hf_plugins import SpeculativeConfig
-from hf_plugins.assets import MODELS, load_model, load_text
+from hf_plugins.assets import load_text
+from hf_plugins.demo import load_any
 from hf_plugins.evaluation import load_speculative_metric, speculative_fields
-
-
-def load(name: str):
-    if name in MODELS:
-        return load_model(name)
-    return AutoModelForCausalLM.from_pretrained(Path(name)).eval(), AutoTokenizer.from_pretrained(name)
 
 
 def main() -> None:
@@ -45,12 +38,12 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator()
-    target, tokenizer = load(args.model)
+    target, tokenizer = load_any(args.model)
     target.to(accelerator.device)
     if args.draft == "self":
         draft = hf_plugins.self_draft(target, bits=args.bits or None)
     else:
-        draft = load(args.draft)[0].to(accelerator.device)
+        draft = load_any(args.draft)[0].to(accelerator.device)
         draft = hf_plugins.self_draft(draft, bits=args.bits) if args.bits else draft
     hf_plugins.enable_speculative(target, SpeculativeConfig(layer_parallel_group_size=args.layer_parallel))
 

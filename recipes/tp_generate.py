@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from hf_plugins.assets import MODELS, load_model, load_text
+from hf_plugins.assets import load_text
+from hf_plugins.demo import load_any
 from hf_plugins.parallel import auto_tp_plan, tensor_parallel
 
 
@@ -38,12 +38,6 @@ class _Progress(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         self.bar.update(1)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def load(name: str):
-    if name in MODELS:
-        return load_model(name)
-    return AutoModelForCausalLM.from_pretrained(Path(name)).eval(), AutoTokenizer.from_pretrained(name)
 
 
 def local_parameter_bytes(model: torch.nn.Module) -> int:
@@ -79,7 +73,7 @@ def main() -> None:
                           "one process; use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
                           "--num_machines 1 ...` (see this file's docstring).")
     with accelerator.main_process_first():  # the first rank fills the model cache, the others read it
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_any(args.model)
     model.to(accelerator.device)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

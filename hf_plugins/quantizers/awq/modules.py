@@ -70,6 +70,12 @@ class AwqLinear(nn.Module):
         return self.in_features if self.group_size == -1 else self.group_size
 
     @classmethod
+    def empty_for(cls, linear: nn.Linear, config, dtype: torch.dtype) -> "AwqLinear":
+        """An empty module of ``linear``'s shape for ``config`` (an ``AwqConfig``), to load a checkpoint into."""
+        return cls(linear.in_features, linear.out_features, config.bits, config.group_size,
+                   bias=linear.bias is not None, dtype=dtype)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "AwqLinear":
         """Quantize ``linear.weight [out, in]`` round-to-nearest (after AWQ has transformed it, if it ran)."""
         weight = linear.weight.detach()

@@ -136,19 +136,13 @@ def attach_quantizer(model, config, quantizer_cls: type | None = None) -> None:
 class PackedLinearQuantizer(HfQuantizer):
     """Shared transformers quantizer of our packed-linear methods: loads their checkpoints (modules built on meta,
     packed tensors loaded as they are) and quantizes float checkpoints inside ``from_pretrained`` after the float
-    weights load. A method supplies ``module_cls``, :meth:`empty_module` and :meth:`quantize_`."""
+    weights load. A method names its ``module_cls`` (with ``empty_for(linear, config, dtype)``, the module for a
+    checkpoint) and its in-place ``quantize_fn(model, config) -> (resolved config, report)``."""
 
     requires_calibration = False
-    module_cls: type = nn.Module
-    method_name = "quantized"
-
-    def empty_module(self, linear: nn.Linear, dtype) -> nn.Module:
-        """The method's module for ``linear``'s shape, on ``meta``, ready to receive a checkpoint."""
-        raise NotImplementedError
-
-    def quantize_(self, model) -> Any:
-        """Quantize the float ``model`` in place with ``self.quantization_config``; return the resolved config."""
-        raise NotImplementedError
+    module_cls: type
+    quantize_fn: Any
+    method_name: str
 
     def validate_environment(self, *args, device_map=None, **kwargs) -> None:
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -167,7 +161,7 @@ class PackedLinearQuantizer(HfQuantizer):
         for name in linears_to_quantize(model, skip):
             linear = model.get_submodule(name)
             with torch.device("meta"):
-                module = self.empty_module(linear, dtype or linear.weight.dtype)
+                module = self.module_cls.empty_for(linear, self.quantization_config, dtype or linear.weight.dtype)
             model.set_submodule(name, module)
         return model
 
@@ -180,7 +174,7 @@ class PackedLinearQuantizer(HfQuantizer):
                 "hf_plugins.parallel.tensor_parallel(model), which shards AWQ layers along whole quantization groups."
             )
         if not self.pre_quantized:
-            resolved = self.quantize_(model)
+            resolved, _ = type(self).quantize_fn(model, self.quantization_config)
             self.quantization_config = resolved
             model.config.quantization_config = resolved
         mark_config(model.config)
@@ -213,12 +207,5 @@ class AwqHfQuantizer(PackedLinearQuantizer):
     """The transformers quantizer of ``AwqConfig``."""
 
     module_cls = AwqLinear
+    quantize_fn = staticmethod(quantize_awq_)
     method_name = "AWQ"
-
-    def empty_module(self, linear: nn.Linear, dtype) -> AwqLinear:
-        config = self.quantization_config
-        return AwqLinear(linear.in_features, linear.out_features, config.bits, config.group_size,
-                         bias=linear.bias is not None, dtype=dtype)
-
-    def quantize_(self, model) -> AwqConfig:
-        return quantize_awq_(model, self.quantization_config)[0]

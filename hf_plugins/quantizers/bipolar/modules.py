@@ -58,6 +58,13 @@ class BipolarIntLinear(nn.Module):
         self._cpu_weight: CpuAwqWeight | None = None
 
     @classmethod
+    def empty_for(cls, linear: nn.Linear, config, dtype: torch.dtype) -> BipolarIntLinear:
+        """An empty module of ``linear``'s shape for ``config`` (a ``BipolarIntConfig``), to load a checkpoint
+        into (its scales stay float32 whatever ``dtype``)."""
+        return cls(linear.in_features, linear.out_features, config.w_bits, config.a_bits, config.group_size,
+                   bias=linear.bias is not None)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int, a_bits: int | None, group_size: int) -> BipolarIntLinear:
         """Quantize ``linear.weight [out, in]`` (after any activation-aware transform) round-to-nearest."""
         weight = linear.weight.detach()

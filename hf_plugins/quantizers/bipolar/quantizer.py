@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..awq.quantizer import PackedLinearQuantizer, search_and_pack_
 from .config import BipolarIntConfig
 from .modules import BipolarIntLinear
@@ -25,12 +23,5 @@ class BipolarIntHfQuantizer(PackedLinearQuantizer):
     """The transformers quantizer of ``BipolarIntConfig``."""
 
     module_cls = BipolarIntLinear
+    quantize_fn = staticmethod(quantize_bipolar_)
     method_name = "bipolar-INT"
-
-    def empty_module(self, linear: nn.Linear, dtype) -> BipolarIntLinear:
-        config = self.quantization_config
-        return BipolarIntLinear(linear.in_features, linear.out_features, config.w_bits, config.a_bits,
-                                config.group_size, bias=linear.bias is not None)
-
-    def quantize_(self, model) -> BipolarIntConfig:
-        return quantize_bipolar_(model, self.quantization_config)[0]
