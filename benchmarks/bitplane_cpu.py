@@ -1,12 +1,12 @@
 """Bipolar-INT linears on CPU vs fp32 ``F.linear`` at real layer shapes, M = 1 and 16, after a correctness check.
 
-    python benchmarks/bitplane_cpu.py [--threads 1] [--rows 1 16] [--bits 2 3 4 8]
+    python benchmarks/bitplane_cpu.py [--threads 1] [--rows 1 16] [--configs w2 w3 w4 w8 w4a8 w8a8]
 
-Weight-only layers of at most 4 bits run AWQ's packed int4 kernel on the same weights (the bipolar values are an
-integer grid rewritten); other widths, and weight+activation layers, still run the integer-exact reference path.
-Every layer is first checked against that reference (bf16 tolerance: the int4 kernel rounds activations to bf16).
-Reports time ratios (fp32 / bipolar, > 1 is faster) and bytes: the stored bit planes are n/32 of fp32, and the
-int4 kernel's prepacked form is what a call reads.
+Layers run the CPU path of ``hf_plugins.kernels.bitplane_gemm.cpu``: the weight as one packed int4 matmul per 4
+bits (nibble planes), activations (``aN``) quantized per token first. Every layer is first checked against the
+integer-exact reference (bf16 tolerance: the int4 kernel rounds activations to bf16). Reports time ratios
+(fp32 / bipolar, > 1 is faster) and bytes: the stored bit planes are n/32 of fp32; the prepacked form a call
+reads is 4 bits per weight per chunk plus bf16 group scales.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,11 +40,20 @@ SHAPES = [
 ]
 
 
-def run(bits: int, rows: int, shape) -> dict:
+def parse_config(text: str) -> tuple[int, int | None]:
+    """``"w3"`` -> ``(3, None)``, ``"w2a4"`` -> ``(2, 4)``."""
+    match = re.fullmatch(r"w([1-8])(?:a([1-8]))?", text)
+    if match is None:
+        raise ValueError(f"configs look like w3 or w2a4 (1..8 bits each), got {text!r}.")
+    return int(match[1]), None if match[2] is None else int(match[2])
+
+
+def run(config: str, rows: int, shape) -> dict:
     model, role, in_features, out_features = shape
+    bits, act_bits = parse_config(config)
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
-    layer = BipolarIntLinear.from_linear(linear, bits, None, 128)
+    layer = BipolarIntLinear.from_linear(linear, bits, act_bits, 128)
     x = torch.randn(rows, in_features)
     with torch.inference_mode():
         os.environ["HF_PLUGINS_BACKEND"] = "reference"
@@ -51,11 +61,14 @@ def run(bits: int, rows: int, shape) -> dict:
         os.environ.pop("HF_PLUGINS_BACKEND")
         fast = layer(x)
         error = max_rel_error(fast, reference)
-        packed = layer.awq_form() is not None
-        row = {"model": model, "layer": role, "in": in_features, "out": out_features, "bits": bits, "rows": rows,
-               "path": "int4 kernel" if packed else "reference", "rel_error": error,
+        packed = layer._cpu_weight is not None
+        row = {"model": model, "layer": role, "in": in_features, "out": out_features, "config": config, "bits": bits,
+               "act_bits": act_bits, "rows": rows,
+               "path": f"int4 x{layer._cpu_weight.chunks}" if packed else "reference", "rel_error": error,
                "checked": error <= FLOAT_KERNEL_RTOL[torch.bfloat16 if packed else torch.float32],
-               "plane_bytes_vs_fp32": layer.qweight.numel() / (4 * in_features * out_features)}
+               "plane_bytes_vs_fp32": layer.qweight.numel() / (4 * in_features * out_features),
+               "prepacked_bytes_vs_fp32": layer._cpu_weight.nbytes() / (4 * in_features * out_features)
+               if packed else None}
         if not row["checked"]:
             return row
         baseline = time_fn(lambda: F.linear(x, linear.weight))
@@ -69,18 +82,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    parser.add_argument("--configs", nargs="+", default=["w2", "w3", "w4", "w8", "w4a8", "w8a8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     with pinned_threads(args.threads):
-        for bits in args.bits:
+        for config in args.configs:
             for m in args.rows:
                 for shape in SHAPES:
-                    row = run(bits, m, shape)
+                    row = run(config, m, shape)
                     rows.append(row)
                     speed = f"{row['speedup']:.2f}x" if "speedup" in row else "CHECK FAILED"
-                    print(f"W{bits} M={m:<3} {row['model']:<19} {row['layer']:<8} {row['in']:>5}x{row['out']:<5} "
+                    print(f"{config:<5} M={m:<3} {row['model']:<19} {row['layer']:<8} {row['in']:>5}x{row['out']:<5} "
                           f"{row['path']:<12} {speed:>8}  planes {row['plane_bytes_vs_fp32']:.3f} of fp32", flush=True)
     name = f"bitplane_cpu-{datetime.date.today()}-{machine_name()}.json"
     out = args.out or REPO_ROOT / "benchmarks" / "results" / name

@@ -26,7 +26,13 @@ def test_bipolar_weights_are_the_integer_grid_rewritten_losslessly(w_bits, group
     assert bool((values % 2 != 0).all()) and int(values.abs().max()) <= 2**w_bits - 1
 
 
-def test_weight_only_forward_is_a_linear_with_the_dequantized_weight():
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """The exact reference path, whose semantics these tests pin down (the kernels are compared with it)."""
+    monkeypatch.setenv("HF_PLUGINS_BACKEND", "reference")
+
+
+def test_weight_only_forward_is_a_linear_with_the_dequantized_weight(reference_backend):
     linear = _linear()
     layer = BipolarIntLinear.from_linear(linear, 3, None, 32)
     x = torch.randn(2, 5, 100)
@@ -35,7 +41,7 @@ def test_weight_only_forward_is_a_linear_with_the_dequantized_weight():
 
 
 @pytest.mark.parametrize("w_bits, a_bits", [(1, 1), (2, 2), (2, 4), (3, 8), (4, 4), (8, 8)])
-def test_weight_and_activation_path_equals_the_bit_plane_decomposition(w_bits, a_bits):
+def test_weight_and_activation_path_equals_the_bit_plane_decomposition(w_bits, a_bits, reference_backend):
     linear = _linear(in_features=64, bias=False)
     layer = BipolarIntLinear.from_linear(linear, w_bits, a_bits, 32)
     x = torch.randn(3, 64)
@@ -62,7 +68,9 @@ def test_quality_rises_with_bits():
     assert with_activations == sorted(with_activations) and with_activations[-1] > 30
 
 
-def test_activation_rounding_passes_gradients_straight_through():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_activation_rounding_passes_gradients_straight_through(backend, monkeypatch):
+    monkeypatch.setenv("HF_PLUGINS_BACKEND", backend)
     layer = BipolarIntLinear.from_linear(_linear(in_features=64, bias=False), 4, 4, 32)
     x = torch.randn(3, 64, requires_grad=True)
     grad_out = torch.randn(3, 24)
@@ -132,14 +140,14 @@ def test_w4_bipolar_with_awq_search_is_awq_w4_rewritten(monkeypatch):
         assert sqnr_db(bipolar(prompt).logits, float_model(prompt).logits) > 12
 
 
-@pytest.mark.parametrize("w_bits", [2, 3, 4])
-def test_weight_only_cpu_path_runs_awqs_int4_kernel_on_the_same_weights(w_bits, monkeypatch):
+@pytest.mark.parametrize("w_bits, a_bits", [(2, None), (3, None), (4, None), (6, None), (8, None), (3, 4), (8, 8)])
+def test_cpu_path_runs_the_int4_kernels_on_the_same_weights(w_bits, a_bits, monkeypatch):
     linear = _linear(in_features=128, out_features=64)
-    layer = BipolarIntLinear.from_linear(linear, w_bits, None, 32)
-    assert layer.awq_form() is not None
+    layer = BipolarIntLinear.from_linear(linear, w_bits, a_bits, 32)
+    assert (layer.awq_form() is not None) == (w_bits <= 4)
     x = torch.randn(3, 7, 128)
     fast = layer(x)
-    assert layer._cpu_weight is not None  # the prepacked int4 form served the call
+    assert layer._cpu_weight.chunks == -(-w_bits // 4)  # the prepacked int4 form served the call
     monkeypatch.setenv("HF_PLUGINS_BACKEND", "reference")
     exact = layer(x)
     assert max_rel_error(fast, exact) <= FLOAT_KERNEL_RTOL[torch.bfloat16]  # the int4 kernel runs bf16 activations
@@ -152,3 +160,6 @@ def test_layers_without_an_awq_form_keep_the_reference_path():
     layer.offsets += 0.3 * layer.scales  # offsets off the integer grid
     layer._release_caches()
     assert layer.awq_form() is None
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantized_weight(), layer.bias))
+    assert layer._cpu_weight is None

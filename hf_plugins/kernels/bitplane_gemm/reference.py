@@ -111,6 +111,14 @@ def unpack_planes(packed: torch.Tensor, k: int) -> torch.Tensor:
     return (2 * bits.flatten(-2)[..., :k] - 1).to(torch.int8)
 
 
+def pack_for_triton(planes: torch.Tensor) -> torch.Tensor:
+    """``[bits, N, ceil(K/8)]`` uint8 planes (:func:`pack_planes`) -> the Triton kernels' int32 words
+    ``[bits, ceil(K/32), N]``: bit ``j`` of word ``(i, w, n)`` is plane ``i`` at input ``32 w + j`` (padding 0)."""
+    padded = torch.nn.functional.pad(planes, (0, (-planes.shape[-1]) % 4)).contiguous()
+    # Little-endian: byte b of a row is bits 8 (b % 4) .. 8 (b % 4) + 7 of word b // 4.
+    return padded.view(torch.int32).transpose(1, 2).contiguous()
+
+
 def popcount_matmul_reference(x_packed: torch.Tensor, w_packed: torch.Tensor, k: int) -> torch.Tensor:
     """The binary-tensor-core formulation on packed planes: each plane product is ``K - 2 popcount(x xor w)``
     (equal padding bits xor to 0 and count as matches, removed by using the padded length). ``[M, N]`` int64."""

@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 from ...kernels._dispatch import choose_backend
-from ...kernels.awq_gemm import CpuAwqWeight, awq_gemm, awq_gemm_cpu, pack_awq, prepack
-from ...kernels.bitplane_gemm import MAX_BITS, bipolar_linear_reference, planes_to_bipolar, unpack_planes
+from ...kernels.awq_gemm import awq_gemm
+from ...kernels.bitplane_gemm import (
+    MAX_BITS,
+    bipolar_linear_reference,
+    pack_for_triton,
+    planes_to_bipolar,
+    unpack_planes,
+)
+from ...kernels.bitplane_gemm.cpu import CpuBitplaneWeight, bitplane_linear_cpu, nibble_chunks, prepack_bitplanes
 from ...kernels.bitplane_gemm.reference import group_view
 from ..awq.int_quant import num_groups
 from ..awq.modules import PackedMatmul
@@ -54,8 +61,9 @@ class BipolarIntLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, device=device))
         else:
             self.bias = None
-        self._awq_form: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._cpu_weight: CpuAwqWeight | None = None
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._cpu_weight: CpuBitplaneWeight | None = None
+        self._words: torch.Tensor | None = None
 
     @classmethod
     def empty_for(cls, linear: nn.Linear, config, dtype: torch.dtype) -> BipolarIntLinear:
@@ -88,30 +96,27 @@ class BipolarIntLinear(nn.Module):
         weight = grouped * self.scales.t()[..., None] + self.offsets.t()[..., None]
         return weight.flatten(1)[:, : self.in_features]
 
+    def nibble_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """The weight as AWQ int4 ``(qweight, qzeros, scales)`` summands, one per 4 bits (see
+        :func:`~hf_plugins.kernels.bitplane_gemm.cpu.nibble_chunks`), or None without integer zero points."""
+        if self._chunks is None and self.scales.device.type != "meta":
+            self._chunks = nibble_chunks(self.qweight, self.scales, self.offsets, self.in_features)
+        return self._chunks
+
     def awq_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(qweight, qzeros, scales)`` in AWQ's int4 "GEMM" layout holding exactly these weights, or None.
 
         Weight-only bipolar weights of at most 4 bits with integer zero points (any rewrite of an integer grid,
         which is what our quantizer stores) are AWQ weights: ``s' v + o = 2s' (u - z)`` with ``u = (v + L)/2``
-        and ``z = (s' L - o) / (2s')``. They then run on AWQ's packed CPU and Triton int4 kernels.
+        and ``z = (s' L - o) / (2s')``. They then run on AWQ's Triton int4 kernels.
         """
-        if self._awq_form is not None:
-            return self._awq_form
-        if self.w_bits > 4 or self.out_features % 8 or self.scales.device.type == "meta":
+        if self.w_bits > 4:
             return None
-        limit = 2**self.w_bits - 1
-        scales = 2 * self.scales.float()
-        zeros = (self.scales.float() * limit - self.offsets.float()) / scales.clamp_min(1e-30)
-        rounded = zeros.round()
-        exact = bool((scales.half().float() == scales).all()) and torch.allclose(zeros, rounded, atol=1e-3)
-        if not exact or rounded.min() < 0 or rounded.max() > 15:
-            return None
-        codes = (self.bipolar_values() + limit) // 2  # [out, in] in [0, 2^w_bits)
-        self._awq_form = (pack_awq(codes.t()), pack_awq(rounded.to(torch.int32)), scales.half())
-        return self._awq_form
+        chunks = self.nibble_chunks()
+        return None if chunks is None else chunks[0]
 
     def _release_caches(self) -> None:
-        self._awq_form, self._cpu_weight = None, None
+        self._chunks, self._cpu_weight, self._words = None, None, None
 
     def _apply(self, fn, recurse=True):
         self._release_caches()
@@ -121,37 +126,54 @@ class BipolarIntLinear(nn.Module):
         self._release_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _cpu_prepacked(self) -> CpuBitplaneWeight | None:
+        if self._cpu_weight is None:
+            self._cpu_weight = prepack_bitplanes(self.qweight, self.scales, self.offsets, self.in_features,
+                                                 self.group_size)
+        return self._cpu_weight
+
+    def _triton_words(self) -> torch.Tensor:
+        """The planes in the Triton kernel's layout, packed once per device placement."""
+        if self._words is None:
+            self._words = pack_for_triton(self.qweight)
+        return self._words
+
     def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
-        """Weight-only layers with an AWQ form run AWQ's int4 kernels unless the reference backend is chosen
-        (others run the reference path, with a warning off the reference backend)."""
-        if self.a_bits is not None:
-            return False
+        """Packed kernels serve every layer unless the reference backend is chosen. CPU: the int4 kernels for
+        layers with integer zero points (our quantizer's), others run the reference path with a warning. Triton:
+        weight-only W<=4 on AWQ's tuned int4 kernels, the rest on the bit-plane kernels."""
         backend = choose_backend("bitplane_gemm", x.device)
         if backend == "reference":
             return False
-        if self.awq_form() is None:
+        if backend == "cpu" and self._cpu_prepacked() is None:
             _warn_reference_path(self.w_bits, self.in_features, self.out_features)
             return False
         return True
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in] -> [..., out]`` through AWQ's int4 kernel of ``x``'s device (needs :meth:`awq_form`)."""
-        backend = choose_backend("bitplane_gemm", x.device)
-        group = self.in_features if self.group_size == -1 else self.group_size
-        if backend == "cpu":
-            if self._cpu_weight is None:
-                self._cpu_weight = prepack(*self.awq_form(), group)
-            return awq_gemm_cpu(x, self._cpu_weight, self.bias)
-        return awq_gemm(x, *self.awq_form(), group, bias=self.bias)
+        """``x [..., in] -> [..., out]`` through the packed kernel of ``x``'s device (see :meth:`forward`)."""
+        if choose_backend("bitplane_gemm", x.device) == "cpu":
+            return bitplane_linear_cpu(x, self._cpu_prepacked(), self.a_bits, self.bias)
+        awq = self.awq_form() if self.a_bits is None else None
+        if awq is not None:
+            return awq_gemm(x, *awq, self.in_features if self.group_size == -1 else self.group_size, bias=self.bias,
+                            backend="triton")
+        from ...kernels.bitplane_gemm.triton import bipolar_linear_triton
+
+        return bipolar_linear_triton(x, self._triton_words(), self.scales, self.offsets, self.in_features,
+                                     self.group_size, self.a_bits, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._uses_packed_kernel(x):
+        packed = self._uses_packed_kernel(x)
+        if packed and self.a_bits is None:
             if torch.is_grad_enabled() and x.requires_grad:
                 return PackedMatmul.apply(x, self)
             return self.packed_forward(x)
 
-        # The reference path: exact integer group products with a_bits.
         def quantized(x):
+            if packed:
+                return self.packed_forward(x)
+            # The reference path: exact integer group products with a_bits.
             return bipolar_linear_reference(x, self.qweight, self.scales, self.offsets, self.in_features,
                                             self.group_size, self.a_bits, self.bias)
 
