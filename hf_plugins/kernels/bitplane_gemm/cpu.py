@@ -8,10 +8,11 @@ same way, ``z = sum_c 16^c z_c``), the weight is a sum of AWQ int4 weights::
 
 so ``x W^T`` is a packed int4 matmul per chunk (one for n <= 4, two for 5..8 bits) with the exact-scale handling
 of :mod:`hf_plugins.kernels.awq_gemm.cpu`. The chunks are stacked along the outputs into one int4 weight
-``[chunks * out, in]``: one kernel call, whose output halves are summed (2x faster than two calls at 576 x 576). This is the bit-level decomposition of the GPU kernel at the
-granularity this CPU computes fastest (``benchmarks/bitplane_cpu.py``). The other routes measured on this
-project's CPUs lose: ``torch._int_mm`` (int8 x int8 -> int32) runs 3-16x slower than fp32 sgemm without VNNI, and
-an inductor-compiled dequant + GEMV 7.7x slower than the int4 kernel at 1536 x 8960, M = 1 (``awq_gemm/cpu.py``).
+``[chunks * out, in]``: one kernel call, whose output halves are summed (1.4x faster than two calls at 576 x 576,
+M = 1). This is the bit-level decomposition of the GPU kernel at the granularity this CPU computes fastest
+(``benchmarks/bitplane_cpu.py``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
+(int8 x int8 -> int32) runs 3-16x slower than fp32 sgemm without VNNI, and an inductor-compiled dequant + GEMV
+7.7x slower than the int4 kernel at 1536 x 8960, M = 1 (``awq_gemm/cpu.py``).
 
 Activations of ``a_bits`` are quantized per token to bipolar integers ``|v| <= 255``, which bf16 holds exactly,
 so the int4 kernel's bf16 activation rounding adds nothing to the quantization itself.

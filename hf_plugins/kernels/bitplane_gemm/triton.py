@@ -2,8 +2,8 @@
 
 Layout (:func:`~.reference.pack_for_triton`, once at load time): the weight's +-1 planes as int32 words
 ``[w_bits, ceil(K/32), N]``: plane-major, bit ``j`` of word ``(i, w, n)`` is plane ``i`` of input ``32 w + j`` of
-output ``n``. A ``[BK, BN]`` weight tile of one plane is ``BK / 32`` rows of ``BN`` contiguous words: coalesced wide loads, one
-bit per weight per plane and nothing else on the weight stream.
+output ``n``. A ``[BK, BN]`` weight tile of one plane is ``BK / 32`` rows of ``BN`` contiguous words: coalesced
+wide loads, one bit per weight per plane and nothing else on the weight stream.
 
 Two products, both recovering the planes' weighted sum in registers, inside the K loop (no plane result ever
 leaves the chip):
