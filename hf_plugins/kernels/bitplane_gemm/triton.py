@@ -211,13 +211,17 @@ def quantize_activations_kernel(x, xa, x_scale, M, K, A_BITS: tl.constexpr, A_CH
     for k0 in range(0, K, BK):
         b_x = tl.load(x + i_m * K + k0 + o_k, mask=(k0 + o_k) < K, other=0.).to(tl.float32)
         b_max = tl.maximum(b_max, tl.abs(b_x))
-    scale = tl.div_rn(tl.maximum(tl.max(b_max, axis=0), 1.1754943508222875e-38), ((1 << A_BITS) - 1) * 1.0)
-    tl.store(x_scale + i_m, scale)
+    # div_rn, not "/": Triton's fp32 "/" is div.full.f32 on NVIDIA (up to 2 ulp), torch's is IEEE, and one ulp
+    # moves values across rounding ties. Both operands are blocks (every lane holds the same scale).
+    b_zero = tl.zeros([BK], dtype=tl.float32)
+    b_scale = tl.div_rn(b_zero + tl.maximum(tl.max(b_max, axis=0), 1.1754943508222875e-38),
+                        b_zero + ((1 << A_BITS) - 1))
+    tl.store(x_scale + i_m, tl.max(b_scale, axis=0))
     MK = tl.cast(M, tl.int64) * K
     for k0 in range(0, K, BK):
         m_k = (k0 + o_k) < K
         b_x = tl.load(x + i_m * K + k0 + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_r = tl.div_rn(b_x, tl.zeros([BK], dtype=tl.float32) + scale)
+        b_r = tl.div_rn(b_x, b_scale)
         # Nearest odd integer, ties away from zero, clamped: round_to_bipolar.
         b_mag = tl.minimum(tl.floor(tl.abs(b_r) * 0.5) * 2 + 1, ((1 << A_BITS) - 1) * 1.0)
         b_v = tl.where(b_r < 0, -b_mag, b_mag).to(tl.int32)
