@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from hf_plugins.kernels.bitplane_gemm.reference import bit_planes, bitplane_matmul_reference, quantize_activations
+from hf_plugins.kernels.bitplane_gemm.reference import (
+    bit_planes,
+    bitplane_matmul_reference,
+    quantize_activations,
+)
 from hf_plugins.quantizers.awq.int_quant import fake_quantize
 from hf_plugins.quantizers.bipolar.modules import BipolarIntLinear
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error, sqnr_db
@@ -89,6 +93,28 @@ def test_state_dict_round_trip_is_bit_identical():
     assert torch.equal(clone(x), layer(x))
 
 
+@pytest.mark.parametrize("w_bits", [3, 7])
+def test_cpu_layers_hold_only_the_prepacked_form_and_checkpoint_the_planes(w_bits):
+    layer = BipolarIntLinear.from_linear(_linear(in_features=128, out_features=64), w_bits, None, 32)
+    planes = layer.qweight.clone()
+    x = torch.randn(2, 128)
+    y = layer(x)
+    assert layer.qweight.numel() == 0  # the planes are not kept beside the int4 form
+    assert torch.equal(layer.state_dict()["qweight"], planes)
+    assert torch.equal(layer.planes(), planes)
+    layer.to(torch.float64).to(torch.float32)  # a move restores the buffer, and the next call prepacks again
+    assert torch.equal(layer.qweight, planes)
+    assert torch.equal(layer(x), y)
+
+
+def test_odd_input_widths_keep_the_reference_path():
+    linear = _linear(in_features=99, out_features=16)
+    layer = BipolarIntLinear.from_linear(linear, 4, None, 32)
+    x = torch.randn(2, 99)
+    assert max_rel_error(layer(x), nn.functional.linear(x, layer.dequantized_weight(), linear.bias)) <= 2e-5
+    assert layer._cpu_weight is None
+
+
 def test_bad_bits_raise_with_the_range():
     with pytest.raises(ValueError, match=r"BipolarIntLinear\.w_bits must be an int in 1\.\.8, got 9"):
         BipolarIntLinear(8, 8, 9, None, 8, bias=False)
@@ -97,9 +123,9 @@ def test_bad_bits_raise_with_the_range():
 
 
 def test_lora_learns_through_activation_quantized_layers():
-    import hf_plugins
     from peft import LoraConfig, get_peft_model
 
+    import hf_plugins
     from tests.quantizers.tiny_models import VOCAB_SIZE, tiny_model
 
     model = tiny_model("llama")[0]

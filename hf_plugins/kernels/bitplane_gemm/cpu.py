@@ -24,8 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack
-from .reference import bipolar_limit, planes_to_bipolar, quantize_activations, unpack_planes
+from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack, unpack_awq, unprepack
+from .reference import (
+    bipolar_limit,
+    bit_planes,
+    codes_to_bipolar,
+    pack_planes,
+    planes_to_bipolar,
+    quantize_activations,
+    unpack_planes,
+)
 
 NIBBLE = 4
 """Bits per chunk: the int4 kernels' code width."""
@@ -90,13 +98,23 @@ class CpuBitplaneWeight:
 def prepack_bitplanes(
     planes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int, group_size: int
 ) -> CpuBitplaneWeight | None:
-    """Prepack once at load time (see :func:`nibble_chunks`); None when the weight has no int4 form."""
+    """Prepack once at load time (see :func:`nibble_chunks`); None when the weight has no int4 form (or an odd
+    ``in_features``, which the int4 CPU layout cannot hold)."""
     chunks = nibble_chunks(planes, scales, offsets, in_features)
-    if chunks is None:
+    if chunks is None or in_features % 2:
         return None
     group = in_features if group_size == -1 else group_size
     stacked = (torch.cat(parts, dim=1) for parts in zip(*chunks))  # AWQ tensors are [.., out]: out is dim 1
     return CpuBitplaneWeight(prepack(*stacked, group), len(chunks))
+
+
+def unprepack_bitplanes(weight: CpuBitplaneWeight, bits: int) -> torch.Tensor:
+    """Exact inverse of :func:`prepack_bitplanes` for the planes: uint8 ``[bits, out, ceil(in/8)]``, bit-identical
+    to the planes packed (so modules can drop them while the prepacked form serves)."""
+    codes = unpack_awq(unprepack(weight.stacked)[0])  # [in, chunks * out]
+    chunks = codes.unflatten(1, (weight.chunks, -1))
+    combined = sum(chunks[:, c] << (NIBBLE * c) for c in range(weight.chunks))  # [in, out]
+    return pack_planes(bit_planes(codes_to_bipolar(combined.t(), bits), bits))
 
 
 def bitplane_linear_cpu(

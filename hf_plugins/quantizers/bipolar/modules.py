@@ -18,7 +18,13 @@ from ...kernels.bitplane_gemm import (
     planes_to_bipolar,
     unpack_planes,
 )
-from ...kernels.bitplane_gemm.cpu import CpuBitplaneWeight, bitplane_linear_cpu, nibble_chunks, prepack_bitplanes
+from ...kernels.bitplane_gemm.cpu import (
+    CpuBitplaneWeight,
+    bitplane_linear_cpu,
+    nibble_chunks,
+    prepack_bitplanes,
+    unprepack_bitplanes,
+)
 from ...kernels.bitplane_gemm.reference import group_view
 from ..awq.int_quant import num_groups
 from ..awq.modules import PackedMatmul
@@ -64,6 +70,7 @@ class BipolarIntLinear(nn.Module):
         self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._cpu_weight: CpuBitplaneWeight | None = None
         self._words: torch.Tensor | None = None
+        self._register_state_dict_hook(_state_dict_with_planes)
 
     @classmethod
     def empty_for(cls, linear: nn.Linear, config, dtype: torch.dtype) -> BipolarIntLinear:
@@ -88,7 +95,7 @@ class BipolarIntLinear(nn.Module):
 
     def bipolar_values(self) -> torch.Tensor:
         """``V`` int32 ``[out, in]``, odd values in ``[-(2^w_bits - 1), 2^w_bits - 1]``."""
-        return planes_to_bipolar(unpack_planes(self.qweight, self.in_features))
+        return planes_to_bipolar(unpack_planes(self.planes(), self.in_features))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float32 weight ``[out, in]``."""
@@ -100,7 +107,7 @@ class BipolarIntLinear(nn.Module):
         """The weight as AWQ int4 ``(qweight, qzeros, scales)`` summands, one per 4 bits (see
         :func:`~hf_plugins.kernels.bitplane_gemm.cpu.nibble_chunks`), or None without integer zero points."""
         if self._chunks is None and self.scales.device.type != "meta":
-            self._chunks = nibble_chunks(self.qweight, self.scales, self.offsets, self.in_features)
+            self._chunks = nibble_chunks(self.planes(), self.scales, self.offsets, self.in_features)
         return self._chunks
 
     def awq_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -115,7 +122,17 @@ class BipolarIntLinear(nn.Module):
         chunks = self.nibble_chunks()
         return None if chunks is None else chunks[0]
 
+    def planes(self) -> torch.Tensor:
+        """``qweight`` (the packed planes), regenerated bit-identically from the CPU prepacked form when that is
+        what the layer holds."""
+        if self._cpu_weight is not None:
+            return unprepack_bitplanes(self._cpu_weight, self.w_bits)
+        return self.qweight
+
     def _release_caches(self) -> None:
+        """Restore the ``qweight`` buffer and drop every kernel form built from it."""
+        if self._cpu_weight is not None:
+            self.qweight = self.planes()
         self._chunks, self._cpu_weight, self._words = None, None, None
 
     def _apply(self, fn, recurse=True):
@@ -127,15 +144,19 @@ class BipolarIntLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _cpu_prepacked(self) -> CpuBitplaneWeight | None:
+        # The prepacked form holds the codes exactly, so the planes are regenerated for state_dict, other devices
+        # and gradients instead of staying in memory beside it.
         if self._cpu_weight is None:
             self._cpu_weight = prepack_bitplanes(self.qweight, self.scales, self.offsets, self.in_features,
                                                  self.group_size)
+            if self._cpu_weight is not None:
+                self.qweight = torch.empty(0, dtype=torch.uint8)
         return self._cpu_weight
 
     def _triton_words(self) -> torch.Tensor:
         """The planes in the Triton kernel's layout, packed once per device placement."""
         if self._words is None:
-            self._words = pack_for_triton(self.qweight)
+            self._words = pack_for_triton(self.planes())
         return self._words
 
     def _uses_packed_kernel(self, x: torch.Tensor) -> bool:
@@ -174,7 +195,7 @@ class BipolarIntLinear(nn.Module):
             if packed:
                 return self.packed_forward(x)
             # The reference path: exact integer group products with a_bits.
-            return bipolar_linear_reference(x, self.qweight, self.scales, self.offsets, self.in_features,
+            return bipolar_linear_reference(x, self.planes(), self.scales, self.offsets, self.in_features,
                                             self.group_size, self.a_bits, self.bias)
 
         if self.a_bits is None or not (torch.is_grad_enabled() and x.requires_grad):
@@ -189,3 +210,10 @@ class BipolarIntLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
                 f"a_bits={self.a_bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _state_dict_with_planes(module: BipolarIntLinear, state_dict, prefix, local_metadata):
+    """Checkpoints always hold the planes, even while the CPU prepacked form is the one in memory."""
+    if module._cpu_weight is not None:
+        state_dict[prefix + "qweight"] = module.planes()
+    return state_dict
