@@ -59,3 +59,15 @@ def test_offsets_off_the_integer_grid_have_no_int4_form():
     assert integer_zeros(scales, offsets + 0.3 * scales, 3) is None
     assert prepack_bitplanes(planes, scales, offsets + 0.3 * scales, 64, 32) is None
     assert nibble_chunks(planes[:, :20], scales[:, :20], offsets[:, :20], 64) is None  # out % 8: no AWQ packing
+
+
+def test_public_op_dispatches_and_explains_what_the_cpu_backend_needs():
+    from hf_plugins.kernels.bitplane_gemm import bipolar_linear
+
+    planes, scales, offsets = _layer(5, 64, 32)
+    x = torch.randn(4, 64)
+    expected = bipolar_linear(x, planes, scales, offsets, 64, 32, 8, backend="reference")
+    assert max_rel_error(bipolar_linear(x, planes, scales, offsets, 64, 32, 8, backend="cpu"), expected) <= \
+        FLOAT_KERNEL_RTOL[torch.bfloat16]
+    with pytest.raises(ValueError, match=r"integer zero points .* use backend='reference'"):
+        bipolar_linear(x, planes, scales, offsets + 0.3 * scales, 64, 32, None, backend="cpu")
