@@ -31,6 +31,8 @@ import triton.language as tl
 
 from hf_plugins._env import triton_interpreter
 
+from .._tiles import grouped_tile
+
 __all__ = ["AwqGemmConfig", "KERNELS", "awq_gemm_triton", "dispatch"]
 
 KERNELS = ("auto", "gemv", "gemm", "dequant")
@@ -313,13 +315,7 @@ def awq_gemm_tiled_kernel(
     ``NW = N // 8``; ``M_BUCKET`` (next power of two of M) is only the autotuning key, so prompt lengths share
     tunings; ``DT`` is the dot dtype.
     """
-    # Programs sharing a weight column block run back to back (GROUP_M row blocks at a time) for L2 reuse.
-    i_p = tl.program_id(0)
-    NM, NN = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    i_first = (i_p // (GROUP_M * NN)) * GROUP_M
-    size_m = tl.minimum(NM - i_first, GROUP_M)
-    i_m = i_first + (i_p % (GROUP_M * NN)) % size_m
-    i_n = (i_p % (GROUP_M * NN)) // size_m
+    i_m, i_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)

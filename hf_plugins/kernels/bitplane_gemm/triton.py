@@ -33,6 +33,7 @@ import triton.language as tl
 
 from hf_plugins._env import triton_interpreter
 
+from .._tiles import grouped_tile
 from .reference import MAX_BITS
 
 __all__ = ["BitplaneConfig", "bipolar_linear_triton", "bitplane_matmul_triton", "quantize_activation_chunks",
@@ -84,17 +85,10 @@ def _chunk_values(p_w, m_w, PLANE, FIRST: tl.constexpr, CHUNK: tl.constexpr, PLA
 
 
 @triton.jit
-def _tile_pointers(M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row/column offsets of this program's output tile (grouped so programs sharing weights run together)."""
-    i_p = tl.program_id(0)
-    NM, NN = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    i_first = (i_p // (GROUP_M * NN)) * GROUP_M
-    size_m = tl.minimum(NM - i_first, GROUP_M)
-    i_m = i_first + (i_p % (GROUP_M * NN)) % size_m
-    i_n = (i_p % (GROUP_M * NN)) // size_m
-    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
-    o_n = i_n.to(tl.int64) * BN + tl.arange(0, BN)
-    return o_m, o_n
+def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets (int64) of this program's output tile (see :func:`grouped_tile`)."""
+    i_m, i_n = grouped_tile(M, N, BM, BN, GROUP_M)
+    return i_m.to(tl.int64) * BM + tl.arange(0, BM), i_n.to(tl.int64) * BN + tl.arange(0, BN)
 
 
 @triton.jit
@@ -108,7 +102,7 @@ def bitplane_a16_kernel(
     ``w``: words ``[W_BITS, KW, N]``; ``scales``, ``offsets``: fp32 ``[groups, N]``; every K tile lies in one
     group (``G % BK == 0`` or ``G >= K``). ``M_BUCKET`` is only the autotuning key.
     """
-    o_m, o_n = _tile_pointers(M, N, K, BM, BN, BK, GROUP_M)
+    o_m, o_n = _tile_offsets(M, N, BM, BN, GROUP_M)
     o_k = tl.arange(0, BK).to(tl.int64)
     o_kw = tl.arange(0, BK // 32).to(tl.int64)
     m_m, m_n = o_m < M, o_n < N
@@ -169,7 +163,7 @@ def bitplane_axw_kernel(
     Otherwise ``y = x_scale [M] * sum_groups (scales * (V_x V_w^T)_group + rowsum_group(V_x) * offsets) + bias``,
     every K tile in one group.
     """
-    o_m, o_n = _tile_pointers(M, N, K, BM, BN, BK, GROUP_M)
+    o_m, o_n = _tile_offsets(M, N, BM, BN, GROUP_M)
     o_k = tl.arange(0, BK).to(tl.int64)
     o_kw = tl.arange(0, BK // 32).to(tl.int64)
     m_m, m_n = o_m < M, o_n < N
