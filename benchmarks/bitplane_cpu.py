@@ -66,7 +66,7 @@ def run(config: str, rows: int, shape) -> dict:
                "act_bits": act_bits, "rows": rows,
                "path": f"int4 x{layer._cpu_weight.chunks}" if packed else "reference", "rel_error": error,
                "checked": error <= FLOAT_KERNEL_RTOL[torch.bfloat16 if packed else torch.float32],
-               "plane_bytes_vs_fp32": layer.qweight.numel() / (4 * in_features * out_features),
+               "plane_bytes_vs_fp32": layer.planes().numel() / (4 * in_features * out_features),
                "prepacked_bytes_vs_fp32": layer._cpu_weight.nbytes() / (4 * in_features * out_features)
                if packed else None}
         if not row["checked"]:

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _warn_reference_path(w_bits: int, in_features: int, out_features: int) -> None:
     """Once per layer shape: a slow path off the reference backend is never silent."""
-    logger.warning("bipolar W%d %dx%d runs the reference path: no packed kernel for it yet", w_bits, in_features,
-                   out_features)
+    logger.warning("bipolar W%d %dx%d runs the slow reference path: the CPU int4 form needs integer zero points, an "
+                   "even in_features and out_features %% 8 == 0", w_bits, in_features, out_features)
 
 
 class BipolarIntLinear(nn.Module):
@@ -48,6 +48,10 @@ class BipolarIntLinear(nn.Module):
     (plane-major, least significant first), ``scales`` and ``offsets`` float32 ``[groups, out]``, ``bias``
     ``[out]`` or None. With ``a_bits`` the activations are quantized per token to ``a_bits``-bit bipolar and the
     group products are exact integers.
+
+    Kernels (``HF_PLUGINS_BACKEND`` or the device picks): CPU runs the nibble-plane int4 form
+    (:mod:`~hf_plugins.kernels.bitplane_gemm.cpu`), holding only that form while it serves; CUDA runs AWQ's int4
+    kernels for weight-only W<=4 and the bit-plane Triton kernels otherwise; ``reference`` is integer-exact.
     """
 
     def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int | None, group_size: int,
