@@ -34,6 +34,7 @@ bench: assets
 	$(PY) benchmarks/awq_quality.py
 	$(PY) benchmarks/awq_cpu_speed.py
 	$(PY) benchmarks/speculative_cpu.py
+	$(PY) benchmarks/bitplane_cpu.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
