@@ -45,6 +45,18 @@ def save_atomically(model, tokenizer, out: Path) -> None:
         raise
 
 
+def save_and_reload(model, tokenizer, out: Path, probe: str):
+    """Save ``model`` and ``tokenizer`` to ``out`` (atomically), reload the model with plain transformers and
+    compare logits on ``probe``: returns ``(reloaded model, whether the logits are bit-identical)``."""
+    from transformers import AutoModelForCausalLM
+
+    save_atomically(model, tokenizer, out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    inputs = tokenizer(probe, return_tensors="pt")
+    with torch.inference_mode():
+        return reloaded, torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
 def heldout_perplexity(model, tokenizer, text: str, docs: int, window: int = 512) -> float:
     """Perplexity on the first ``docs`` held-out documents of a packaged text (first 6000 chars of each)."""
     from . import assets

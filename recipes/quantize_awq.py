@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import AwqConfig
-from hf_plugins.demo import heldout_perplexity, load_any
+from hf_plugins.demo import heldout_perplexity, load_any, save_and_reload
 
 
 def main() -> None:
@@ -45,12 +44,7 @@ def main() -> None:
     print(f"held-out wiki perplexity: float {fp_ppl:.3f} -> AWQ W{args.bits} g{args.group_size} {q_ppl:.3f}")
 
     # 4. Save (safetensors) and reload with plain transformers (after `import hf_plugins`).
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    reloaded = AutoModelForCausalLM.from_pretrained(args.out)
-    probe = tokenizer("Reloading must be exact.", return_tensors="pt")
-    with torch.inference_mode():
-        identical = torch.equal(model(**probe).logits, reloaded(**probe).logits)
+    reloaded, identical = save_and_reload(model, tokenizer, args.out, "Reloading must be exact.")
     print(f"reloaded from {args.out}: logits bit-identical = {identical}")
 
     # 5. Generate.

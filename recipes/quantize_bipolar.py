@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import BipolarIntConfig
-from hf_plugins.demo import heldout_perplexity, load_any
+from hf_plugins.demo import heldout_perplexity, load_any, save_and_reload
 
 
 def main() -> None:
@@ -54,14 +53,11 @@ def main() -> None:
     print(f"held-out wiki perplexity: float {fp_ppl:.3f} -> bipolar {name} g{args.group_size} {q_ppl:.3f}")
 
     # 4. Save (safetensors) and reload with plain transformers (after `import hf_plugins`).
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    reloaded = AutoModelForCausalLM.from_pretrained(args.out)
-    probe = tokenizer("Every bit stands for minus one or plus one.", return_tensors="pt")
-    with torch.inference_mode():
-        identical = torch.equal(model(**probe).logits, reloaded(**probe).logits)
-        sample = reloaded.generate(**probe, max_new_tokens=16, do_sample=False)
+    prompt = "Every bit stands for minus one or plus one."
+    reloaded, identical = save_and_reload(model, tokenizer, args.out, prompt)
     print(f"reloaded from {args.out}: logits bit-identical = {identical}")
+    with torch.inference_mode():
+        sample = reloaded.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=16, do_sample=False)
     print(tokenizer.decode(sample[0], skip_special_tokens=True))
 
 

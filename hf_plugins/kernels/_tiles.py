@@ -1,7 +1,20 @@
 """Triton helpers shared by the GEMM kernels."""
 
+import torch
 import triton
 import triton.language as tl
+
+from hf_plugins._env import triton_interpreter
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The dtype both float dot operands take for activations of ``dtype``: their own, except bf16 under the
+    interpreter (whose bf16 arithmetic runs on raw bits), which takes the exact fp32 route, as fp32 does."""
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not triton_interpreter():
+        return tl.bfloat16
+    return tl.float32
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from hf_plugins._env import triton_interpreter
 
-from .._tiles import grouped_tile
+from .._tiles import dot_dtype, grouped_tile
 
 __all__ = ["AwqGemmConfig", "KERNELS", "awq_gemm_triton", "dispatch"]
 
@@ -396,16 +396,6 @@ def _check_config_tables() -> None:
 _check_config_tables()
 
 
-def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The dtype both dot operands take: x's own, except bf16 under the interpreter, whose bf16 arithmetic runs
-    on raw bits (so bf16 tiles go through the exact fp32 route there)."""
-    if dtype == torch.float16:
-        return tl.float16
-    if dtype == torch.bfloat16 and not _INTERPRETER:
-        return tl.bfloat16
-    return tl.float32
-
-
 def _gemv_block_m(M: int) -> int:
     """Pad M up to the 16-row minimum of tl.dot; cap at 64 rows (more rows go to more programs)."""
     return min(64, max(16, triton.next_power_of_2(M)))
@@ -455,7 +445,7 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
+def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, dt):
     M, K = x2d.shape
     y = _new_output((M, N), x2d.dtype, x2d.device)
     m_bucket = triton.next_power_of_2(M)
@@ -466,7 +456,7 @@ def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
         partials = _new_output((blocks["SPLIT_K"], M, N), torch.float32, x2d.device)
         grid = (triton.cdiv(N, blocks["BN"]), blocks["SPLIT_K"], triton.cdiv(M, blocks["BM"]))
         awq_gemv_splitk_kernel.fn[grid](x2d, qweight, qzeros, scales, y, partials, counters, M, N, K, G, N // 8,
-                                        m_bucket, DT=dot_dtype, **blocks)
+                                        m_bucket, DT=dt, **blocks)
     else:
         # The tuner picks SPLIT_K per shape, so the partials buffer is sized for the largest candidate.
         max_split = max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS)
@@ -477,11 +467,11 @@ def _launch_gemv(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
             return (triton.cdiv(N, meta["BN"]), meta["SPLIT_K"], triton.cdiv(M, BM))
 
         awq_gemv_splitk_kernel[grid](x2d, qweight, qzeros, scales, y, partials, counters, M, N, K, G, N // 8,
-                                     m_bucket, BM=BM, DT=dot_dtype)
+                                     m_bucket, BM=BM, DT=dt)
     return y
 
 
-def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
+def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, dt):
     M, K = x2d.shape
     y = _new_output((M, N), x2d.dtype, x2d.device)
     m_bucket = triton.next_power_of_2(M)
@@ -489,13 +479,13 @@ def _launch_gemm(x2d, qweight, qzeros, scales, G, N, config, dot_dtype):
         blocks = _explicit_blocks("gemm", M, N, K, config)
         grid = (triton.cdiv(M, blocks["BM"]) * triton.cdiv(N, blocks["BN"]),)
         awq_gemm_tiled_kernel.fn[grid](x2d, qweight, qzeros, scales, y, M, N, K, G, N // 8, m_bucket, GROUP_M=8,
-                                       DT=dot_dtype, **blocks)
+                                       DT=dt, **blocks)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
         awq_gemm_tiled_kernel[grid](x2d, qweight, qzeros, scales, y, M, N, K, G, N // 8, m_bucket, GROUP_M=8,
-                                    DT=dot_dtype)
+                                    DT=dt)
     return y
 
 
@@ -599,7 +589,7 @@ def awq_gemm_triton(
         return x2d.new_zeros((M, N))
     kernel = dispatch(M, config.kernel)
     if kernel == "gemv":
-        return _launch_gemv(x2d, qweight, qzeros, scales, group_size, N, config, _dot_dtype(x2d.dtype))
+        return _launch_gemv(x2d, qweight, qzeros, scales, group_size, N, config, dot_dtype(x2d.dtype))
     if kernel == "gemm":
-        return _launch_gemm(x2d, qweight, qzeros, scales, group_size, N, config, _dot_dtype(x2d.dtype))
+        return _launch_gemm(x2d, qweight, qzeros, scales, group_size, N, config, dot_dtype(x2d.dtype))
     return _launch_dequant(x2d, qweight, qzeros, scales, group_size, N, config)

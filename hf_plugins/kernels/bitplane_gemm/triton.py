@@ -33,7 +33,7 @@ import triton.language as tl
 
 from hf_plugins._env import triton_interpreter
 
-from .._tiles import grouped_tile
+from .._tiles import dot_dtype, grouped_tile
 from .reference import MAX_BITS
 
 __all__ = ["BitplaneConfig", "bipolar_linear_triton", "bitplane_matmul_triton", "quantize_activation_chunks",
@@ -313,16 +313,6 @@ def _check_chunk(planes_per_chunk: int) -> None:
                          f"got {planes_per_chunk!r}.")
 
 
-def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    """Both dot operands' dtype in the A16 kernel: x's own, except bf16 under the interpreter (whose bf16 math runs
-    on raw bits), which takes the exact fp32 route."""
-    if dtype == torch.float16:
-        return tl.float16
-    if dtype == torch.bfloat16 and not _INTERPRETER:
-        return tl.bfloat16
-    return tl.float32
-
-
 def quantize_activation_chunks(
     x2d: torch.Tensor, a_bits: int, planes_per_chunk: int = INT8_PLANES
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,7 +391,7 @@ def bipolar_linear_triton(
     common = (M, N, in_features, G, words.shape[1], triton.next_power_of_2(M))
     if act_bits is None:
         _launch(_TUNED_A16, M, N, in_features, G, config, x2d, words, scales, offsets, bias, y, *common,
-                W_BITS=w_bits, HAS_BIAS=bias is not None, DT=_dot_dtype(x.dtype), GROUP_M=8)
+                W_BITS=w_bits, HAS_BIAS=bias is not None, DT=dot_dtype(x.dtype), GROUP_M=8)
     else:
         chunks, token_scales = quantize_activation_chunks(x2d, act_bits, planes_per_chunk)
         _launch(_TUNED_AXW, M, N, in_features, G, config, chunks, token_scales, words, scales, offsets, bias, y,
