@@ -118,6 +118,47 @@ def test_layer_parallel_groups_change_the_draft_and_match_the_group_reference():
     assert max_rel_error(grouped, reference) <= FLOAT_KERNEL_RTOL[torch.float64]
 
 
+def _tiny_qwen3(layers: int):
+    import transformers
+
+    config = transformers.Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, head_dim=16,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_spread_groups_compute_what_fused_groups_compute(arch):
+    # The multi-device schedule (one attention per layer on its own device) run on one device, against the fused
+    # one; 5 layers in groups of 2 leave a last group of 1.
+    model = (_tiny_qwen3(5) if arch == "qwen3" else _deeper(arch, 5)).double()
+    ids = torch.randint(3, VOCAB_SIZE, (3, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    fused = LayerParallelDraft(model, 2)
+    spread = LayerParallelDraft(model, 2, fuse=False)
+    assert all(stacked is None for stacked in spread._stacked) and all(s is not None for s in fused._stacked)
+    logits = []
+    for drafter in (fused, spread):
+        cache = DynamicCache(config=model.config)
+        positions = positions_from_mask(mask)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], cache=cache, use_cache=True)
+        logits.append(drafter.step(ids[:, -1:], positions[:, -1:], mask, cache))
+    assert max_rel_error(logits[1], logits[0]) <= FLOAT_KERNEL_RTOL[torch.float64]
+
+
+def test_layer_parallel_fusing_needs_each_group_on_one_device():
+    model = _deeper("llama", 4)
+    model.model.layers[1].to("meta")  # the first group spans cpu and meta
+    with pytest.raises(ValueError, match=r"fuse=True needs each group's layers on one device; a group spans "
+                                         r"\['cpu', 'meta'\]"):
+        LayerParallelDraft(model, 2, fuse=True)
+    drafter = LayerParallelDraft(model, 2)
+    assert drafter._stacked[0] is None and drafter._stacked[1] is not None
+    assert drafter.devices[0] == [torch.device("cpu"), torch.device("meta")]
+
+
 def test_layer_parallel_drafting_rejects_unsupported_families():
     with pytest.raises(ValueError, match="Layer-parallel drafting supports model types"):
         LayerParallelDraft(tiny_model("phi3")[0], 2)
