@@ -3,13 +3,16 @@
     python benchmarks/speculative_cpu.py [--threads 1 2] [--new-tokens 128] [--methods ...] [--batch 8]
 
 ``plain-fastlinear`` is plain greedy with the target's linears on the oneDNN path our loop uses on CPU (a
-stronger baseline; ``plain`` is what ``generate`` does by default). Target qwen2.5-coder-1.5b (fp32), draft qwen2.5-coder-0.5b, one prose prompt (held-out Wikipedia) and one code
+stronger baseline; ``plain`` is what ``generate`` does by default). Target qwen2.5-coder-1.5b (fp32), draft
+qwen2.5-coder-0.5b, one prose prompt (held-out Wikipedia) and one code
 prompt (Python standard-library source). Every speculative output is checked token-identical to plain greedy in
 the same process before its ratio is reported. Draft kinds of ours:
 
 - ``ours-0.5b``: the 0.5B checkpoint in fp32;
 - ``ours-0.5b-int4``: ``self_draft(draft, bits=4)``, the 0.5B model with int4 linears and head;
 - ``ours-0.5b-int4-easyspec{G}``: the same draft with EasySpec layer-parallel groups of G layers;
+- ``ours-0.5b-int4-ctx{N}``: the same draft reading only the last N prompt tokens (``draft_context=N``), which
+  cuts its prefill (large for batches);
 - ``ours-self-int4``: ``self_draft(target, bits=4)``, no second checkpoint;
 - ``ours-self-int4-skip{N}``: ``self_draft(target, bits=4, layers=N)`` (not run by default: without training, a
   20-of-28-layer draft is accepted about 25% of the time and loses to plain greedy).
@@ -48,10 +51,11 @@ METHODS = (
     "ours-0.5b-int4",
     "ours-0.5b-int4-easyspec2",
     "ours-0.5b-int4-easyspec4",
+    "ours-0.5b-int4-ctx64",
     "ours-self-int4",
     "ours-self-int4-skip20",
 )
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "ours-self-int4-skip20")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("ours-self-int4-skip20", "ours-0.5b-int4-ctx64"))
 
 
 def prompts(tokenizer, count: int) -> dict[str, list[torch.Tensor]]:
@@ -75,6 +79,9 @@ def build_drafts(target, draft, methods) -> dict[str, tuple[object, SpeculativeC
         elif method.startswith("ours-0.5b-int4-easyspec"):
             group = int(method.removeprefix("ours-0.5b-int4-easyspec"))
             drafts[method] = (int4, SpeculativeConfig(layer_parallel_group_size=group))
+        elif method.startswith("ours-0.5b-int4-ctx"):
+            context = int(method.removeprefix("ours-0.5b-int4-ctx"))
+            drafts[method] = (int4, SpeculativeConfig(draft_context=context))
         elif method == "ours-self-int4":
             drafts[method] = (hf_plugins.self_draft(target, bits=4), SpeculativeConfig())
         elif method.startswith("ours-self-int4-skip"):
@@ -155,7 +162,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--kinds", nargs="*", default=["prose", "code"], help="single-prompt settings (none: skip)")
     parser.add_argument("--batch", type=int, default=8, help="rows of the batched setting (0 skips it)")
-    parser.add_argument("--batch-methods", nargs="+", default=["plain", "plain-fastlinear", "ours-0.5b-int4"],
+    parser.add_argument("--batch-methods", nargs="+",
+                        default=["plain", "plain-fastlinear", "ours-0.5b-int4", "ours-0.5b-int4-ctx64"],
                         choices=METHODS)
     parser.add_argument("--batch-threads", type=int, nargs="+", default=[1])
     parser.add_argument("--out", type=Path, default=None)

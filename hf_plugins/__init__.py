@@ -8,8 +8,22 @@ from __future__ import annotations
 import importlib
 
 from ._registry import register_all
-from .generation import SpeculativeConfig, disable_speculative, enable_speculative, self_draft
-from .quantizers import AwqConfig, AwqLinear, BipolarIntConfig, BipolarIntLinear, quantize
+from .generation import (
+    KV4Cache,
+    SpeculativeConfig,
+    disable_speculative,
+    enable_speculative,
+    self_draft,
+)
+from .quantizers import (
+    AwqConfig,
+    AwqLinear,
+    BipolarIntConfig,
+    BipolarIntLinear,
+    W4A4KV4Config,
+    W4AxLinear,
+    quantize,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,7 +31,10 @@ __all__ = [
     "AwqLinear",
     "BipolarIntConfig",
     "BipolarIntLinear",
+    "KV4Cache",
     "SpeculativeConfig",
+    "W4A4KV4Config",
+    "W4AxLinear",
     "assets",
     "disable_speculative",
     "enable_speculative",

@@ -12,24 +12,33 @@ from transformers.quantizers.auto import (
 )
 
 from .attention import RING_ATTENTION, ring_attention_forward, ring_attention_mask
-from .generation import enable_speculative
+from .generation import enable_speculative, use_kv4_cache_if_configured
 from .parallel.local_styles import local_styles
-from .quantizers import AwqConfig, AwqHfQuantizer, BipolarIntConfig, BipolarIntHfQuantizer
+from .quantizers import (
+    AwqConfig,
+    AwqHfQuantizer,
+    BipolarIntConfig,
+    BipolarIntHfQuantizer,
+    W4A4KV4Config,
+    W4A4KV4HfQuantizer,
+)
 from .quantizers.awq.config import QUANT_METHOD as AWQ_METHOD
 from .quantizers.bipolar.config import QUANT_METHOD as BIPOLAR_METHOD
 from .quantizers.checkpoint import CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig
+from .quantizers.comet.config import QUANT_METHOD as W4A4KV4_METHOD
 from .quantizers.hooks import ON_QUANTIZED_MODEL
 
 QUANTIZATION_METHODS = {
     AWQ_METHOD: (AwqConfig, AwqHfQuantizer),
     BIPOLAR_METHOD: (BipolarIntConfig, BipolarIntHfQuantizer),
+    W4A4KV4_METHOD: (W4A4KV4Config, W4A4KV4HfQuantizer),
 }
 
 
 def register_all() -> None:
-    """Register quantization configs, quantizers, the checkpoint model type, speculative decoding for every model
-    our quantizers produce, the tensor-parallel styles of self-sharding linears and ring attention (safe to call
-    repeatedly)."""
+    """Register quantization configs, quantizers, the checkpoint model type, speculative decoding (and the KV4
+    cache where configured) for every model our quantizers produce, the tensor-parallel styles of self-sharding
+    linears and ring attention (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -37,8 +46,9 @@ def register_all() -> None:
             register_quantizer(method)(quantizer_cls)
     if CHECKPOINT_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)
-    if enable_speculative not in ON_QUANTIZED_MODEL:
-        ON_QUANTIZED_MODEL.append(enable_speculative)
+    for callback in (enable_speculative, use_kv4_cache_if_configured):
+        if callback not in ON_QUANTIZED_MODEL:
+            ON_QUANTIZED_MODEL.append(callback)
     _register_tp_styles()
     # The mask function must be registered under the same name, or transformers silently passes no mask.
     AttentionInterface.register(RING_ATTENTION, ring_attention_forward)

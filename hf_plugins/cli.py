@@ -40,13 +40,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     quant = sub.add_parser("quantize", help="quantize a model folder or packaged model id and save it")
     quant.add_argument("model", help="a model folder or a packaged model id (e.g. smollm2-135m)")
-    quant.add_argument("--method", choices=["awq", "rtn", "bipolar-int"], default="awq")
+    quant.add_argument("--method", choices=["awq", "rtn", "bipolar-int", "w4a4kv4"], default="awq")
     quant.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     _add_quant_args(quant)
     quant.add_argument("--w-bits", type=int, default=None, help="bipolar-int weight bits, 1..8 (default --bits)")
     quant.add_argument("--a-bits", type=int, default=None, help="bipolar-int activation bits, 1..8 (default: float)")
     quant.add_argument("--scale-search", choices=["awq", "none"], default="awq",
                        help="bipolar-int: AWQ's activation-aware scales on the integer grid, or plain RTN")
+    quant.add_argument("--outlier-blocks", default="auto",
+                       help="w4a4kv4: 128-channel activation blocks per linear kept in 8 bits: auto (FMPQ picks per "
+                            "layer), all (W4A8) or a count (0: plain W4A4)")
+    quant.add_argument("--kv-bits", type=int, choices=[4, 16], default=4, help="w4a4kv4: KV cache bits (default 4)")
 
     evaluate = sub.add_parser("eval", help="held-out perplexity of a model folder or packaged model id")
     evaluate.add_argument("model")
@@ -60,13 +64,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _quant_config(args: argparse.Namespace, method: str):
-    from . import AwqConfig, BipolarIntConfig
+    from . import AwqConfig, BipolarIntConfig, W4A4KV4Config
 
     extra = {}
     if args.calibration_samples is not None:
         extra["calibration_samples"] = args.calibration_samples
     if args.calibration_seq_len is not None:
         extra["calibration_seq_len"] = args.calibration_seq_len
+    if method == "w4a4kv4":
+        blocks = args.outlier_blocks if args.outlier_blocks in ("auto", "all") else _int_arg(args.outlier_blocks)
+        calibration = None if blocks in (0, "all") else args.calibration  # fixed layouts need no calibration
+        return W4A4KV4Config(group_size=args.group_size, outlier_blocks=blocks, kv_bits=args.kv_bits,
+                             calibration=calibration, **extra)
     searches = method == "awq" or (method == "bipolar-int" and getattr(args, "scale_search", "none") == "awq")
     clip = {"auto": "auto", "on": True, "off": False}[args.clip] if searches else False
     if method == "bipolar-int":
@@ -81,7 +90,16 @@ def _quant_config(args: argparse.Namespace, method: str):
     )
 
 
+def _int_arg(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--outlier-blocks must be auto, all or an int >= 0, got {value!r}") from None
+
+
 def _bits_label(config) -> str:
+    if hasattr(config, "outlier_blocks"):
+        return f"W4A4 (outlier blocks {config.outlier_blocks}) KV{config.kv_bits}"
     if hasattr(config, "w_bits"):
         return f"W{config.w_bits}" + (f"A{config.a_bits}" if config.a_bits else "")
     return f"W{config.bits}"

@@ -57,13 +57,15 @@ def save_and_reload(model, tokenizer, out: Path, probe: str):
         return reloaded, torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
 
 
-def heldout_perplexity(model, tokenizer, text: str, docs: int, window: int = 512) -> float:
-    """Perplexity on the first ``docs`` held-out documents of a packaged text (first 6000 chars of each)."""
+def heldout_perplexity(model, tokenizer, text: str, docs: int, window: int = 512, cache_factory=None) -> float:
+    """Perplexity on the first ``docs`` held-out documents of a packaged text (first 6000 chars of each);
+    ``cache_factory`` makes attention read keys and values through that cache (e.g. a 4-bit one)."""
     from . import assets
     from .evaluation import perplexity
 
     documents = assets.load_text(text, split="evaluation")[:docs]
-    return perplexity(model, tokenizer, documents, window=window, max_chars=6000, progress=False).perplexity
+    return perplexity(model, tokenizer, documents, window=window, max_chars=6000, progress=False,
+                      cache_factory=cache_factory).perplexity
 
 
 def greedy_sample(model, tokenizer, prompt: str, new_tokens: int) -> str:

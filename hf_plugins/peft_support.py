@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
-from .quantizers import AwqLinear, BipolarIntLinear
+from .quantizers import AwqLinear, BipolarIntLinear, W4AxLinear
 
-QUANTIZED_LINEAR_CLASSES = (AwqLinear, BipolarIntLinear)
+QUANTIZED_LINEAR_CLASSES = (AwqLinear, BipolarIntLinear, W4AxLinear)
 
 
 class QuantizedLoraLinear(torch.nn.Module, LoraLayer):

@@ -22,9 +22,7 @@ import datetime
 import json
 import os
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,12 +38,13 @@ from hf_plugins.kernels.bitplane_gemm.triton import bipolar_linear_triton  # noq
 from hf_plugins.quantizers.bipolar.weights import quantize_weight_bipolar  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_timing import cycled, rotating, timer_for  # noqa: E402
+
 CONFIGS = ("w2a16", "w3a16", "w4a16", "w8a16", "w1a2", "w2a2", "w4a4", "w8a8")
 SIZES, BATCHES = (4096, 8192), (1, 16, 128, 1024, 4096)
 DRY_SIZES, DRY_BATCHES = (256,), (1, 16, 33)
 GROUP = 128
-ROTATE_BYTES = 256 << 20
-"""Weights cycled per timing: several times a Hopper L2 (50-60 MB), so every call reads HBM."""
 
 
 def parse_config(text: str) -> tuple[int, int | None]:
@@ -55,81 +54,38 @@ def parse_config(text: str) -> tuple[int, int | None]:
     return int(match[1]), None if match[2] == "16" else int(match[2])
 
 
-def _timer(dry_run: bool):
-    """Median ms per call: on a GPU the smaller of ``do_bench`` (eager, host launch cost included) and
-    ``do_bench_cudagraph`` (GPU time, as under CUDA-graph decode) for every route alike; wall clock under the
-    interpreter (meaningless as speed)."""
-    if not dry_run:
-        import triton.testing
-
-        def gpu(fn) -> float:
-            eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            try:
-                graphed = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-            except RuntimeError:  # a route that cannot be captured is timed eagerly
-                graphed = eager
-            return min(eager, graphed)
-
-        return gpu
-
-    def wall(fn) -> float:
-        samples = []
-        for _ in range(2):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-
-    return wall
-
-
-def _rotating(make, nbytes: int, dry_run: bool) -> list:
-    """Enough independent copies of ``make()`` to overflow the L2 cache (one under the interpreter)."""
-    return [make() for _ in range(1 if dry_run else max(2, -(-ROTATE_BYTES // nbytes)))]
-
-
-def _cycled(fn, copies: list):
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(copies)
-        return fn(copies[state["i"]])
-
-    return call
-
-
 def bench_size(size: int, batches, configs, device: str, dry_run: bool) -> list[dict]:
-    timer = _timer(dry_run)
+    timer = timer_for(dry_run)
     generator = torch.Generator().manual_seed(size)
     weight = torch.randn(size, size, generator=generator) * 0.02
-    fp16 = _rotating(lambda: weight.half().to(device), size * size * 2, dry_run)
-    int8 = _rotating(lambda: torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device),
+    fp16 = rotating(lambda: weight.half().to(device), size * size * 2, dry_run)
+    int8 = rotating(lambda: torch.randint(-127, 128, (size, size), dtype=torch.int8, device=device),
                      size * size, dry_run)
     quantized = {}
     for config in configs:
         w_bits, a_bits = parse_config(config)
         planes, scales, offsets = quantize_weight_bipolar(weight, w_bits, GROUP)
         words = pack_for_triton(planes).to(device)
-        copies = _rotating(lambda: (words.clone(), scales.to(device), offsets.to(device)), words.numel() * 4,
+        copies = rotating(lambda: (words.clone(), scales.to(device), offsets.to(device)), words.numel() * 4,
                            dry_run)
         awq = nibble_chunks(planes, scales, offsets, size)[0] if a_bits is None and w_bits <= 4 else None
-        awq_copies = None if awq is None else _rotating(lambda: tuple(t.to(device) for t in awq),
+        awq_copies = None if awq is None else rotating(lambda: tuple(t.to(device) for t in awq),
                                                         awq[0].numel() * 4, dry_run)
         quantized[config] = (planes, scales, offsets, copies, awq_copies)
     rows = []
     for M in batches:
         x = torch.randn(M, size, generator=generator).half().to(device)
         x8 = torch.randint(-127, 128, (M, size), dtype=torch.int8, device=device)
-        fp16_ms = timer(_cycled(lambda w: F.linear(x, w), fp16))
+        fp16_ms = timer(cycled(lambda w: F.linear(x, w), fp16))
         # cuBLASLt's int8 GEMM needs M > 16; smaller batches report none.
-        int8_ms = timer(_cycled(lambda w: torch._int_mm(x8, w.t()), int8)) if M > 16 else None
+        int8_ms = timer(cycled(lambda w: torch._int_mm(x8, w.t()), int8)) if M > 16 else None
         for config in configs:
             w_bits, a_bits = parse_config(config)
             planes, scales, offsets, copies, awq_copies = quantized[config]
-            routes = {"bitplane": _cycled(lambda c, a=a_bits: bipolar_linear_triton(
+            routes = {"bitplane": cycled(lambda c, a=a_bits: bipolar_linear_triton(
                 x, c[0], c[1], c[2], size, GROUP, a), copies)}
             if awq_copies is not None:
-                routes["awq-int4"] = _cycled(lambda c: awq_gemm(x, *c, GROUP, backend="triton"), awq_copies)
+                routes["awq-int4"] = cycled(lambda c: awq_gemm(x, *c, GROUP, backend="triton"), awq_copies)
             expected = bipolar_linear_reference(x.double(), planes.to(device), scales.to(device),
                                                 offsets.to(device), size, GROUP, a_bits)
             for route, call in routes.items():

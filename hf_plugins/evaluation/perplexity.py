@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     import evaluate
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.cache_utils import Cache
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,12 @@ def _collate(windows: Sequence[_Window], device: torch.device) -> tuple[torch.Te
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
-def _batch_nll(model: PreTrainedModel, windows: Sequence[_Window], device: torch.device) -> float:
+def _batch_nll(model: PreTrainedModel, windows: Sequence[_Window], device: torch.device, cache_factory) -> float:
     """Summed NLL (nats) of the scored tokens of ``windows``: per token in fp32 whatever the model dtype, summed in
     float64 so that long corpora do not lose digits."""
     input_ids, attention_mask, labels = _collate(windows, device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, L, V]
+    cache = {"use_cache": False} if cache_factory is None else {"cache": cache_factory(), "use_cache": True}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **cache).logits  # [B, L, V]
     # Position t predicts token t + 1; ignored labels get a zero loss.
     nll = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -173,7 +175,8 @@ def _batch_nll(model: PreTrainedModel, windows: Sequence[_Window], device: torch
     return nll.double().sum().item()
 
 
-def _corpus_nll(model: PreTrainedModel, windows: Sequence[_Window], batch_size: int, progress: bool) -> float:
+def _corpus_nll(model: PreTrainedModel, windows: Sequence[_Window], batch_size: int, progress: bool,
+                cache_factory) -> float:
     """Summed NLL (nats) over all ``windows``, ``batch_size`` per forward pass on the model's device."""
     device = next(model.parameters()).device
     # Dropout off for the measurement; the caller's mode is restored so that evaluating mid-training is harmless.
@@ -185,7 +188,7 @@ def _corpus_nll(model: PreTrainedModel, windows: Sequence[_Window], batch_size: 
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]
-                nll_sum += _batch_nll(model, batch, device)
+                nll_sum += _batch_nll(model, batch, device, cache_factory)
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -204,6 +207,7 @@ def perplexity(
     add_bos: bool = True,
     batch_size: int = 1,
     progress: bool = True,
+    cache_factory: Callable[[], Cache] | None = None,
 ) -> PerplexityResult:
     """Corpus perplexity of a causal LM on ``texts`` with sliding windows (semantics in the module docstring).
 
@@ -227,6 +231,10 @@ def perplexity(
             windows per forward pass, right-padded. Default: 1.
         progress (bool):
             show a tqdm bar over windows. Default: True.
+        cache_factory (Callable[[], Cache], Optional):
+            a fresh cache per forward pass, which the window's attention then reads its keys and values from (e.g.
+            ``lambda: KV4Cache(model.config)`` scores text as a 4-bit KV cache would see it). Default: None (no
+            cache).
 
     Returns:
         PerplexityResult: ``exp(nll_sum / n_tokens)``; per-token NLL in fp32, summed in float64.
@@ -245,7 +253,7 @@ def perplexity(
             "no token to score: every document is empty or a single token without BOS; "
             "pass longer texts or add_bos=True."
         )
-    nll_sum = _corpus_nll(model, windows, batch_size, progress)
+    nll_sum = _corpus_nll(model, windows, batch_size, progress, cache_factory)
     n_tokens = sum(w.n_scored for w in windows)
     return PerplexityResult(math.exp(nll_sum / n_tokens), nll_sum, n_tokens, len(windows))
 

@@ -17,6 +17,9 @@ class SpeculativeConfig:
         layer_parallel_group_size: EasySpec layer-parallel drafting: consecutive draft layers per group whose
             attention runs on the same input (1 = ordinary drafting). Lossless either way; larger groups draft
             faster and are accepted less often.
+        draft_context: the draft reads only the last ``draft_context`` prompt tokens (None: the whole prompt).
+            Cuts the draft's prefill, which dominates drafting cost for long prompts and large batches; the
+            target reads everything, so outputs are unchanged.
         fast_cpu_linears: on CPU, run the float linear layers of target and draft through oneDNN while decoding
             (about 1.8x faster for the few-row products of verification); plain ``generate`` is unaffected.
     """
@@ -25,12 +28,17 @@ class SpeculativeConfig:
     max_draft_tokens: int = 12
     initial_draft_tokens: int = 4
     layer_parallel_group_size: int = 1
+    draft_context: int | None = None
     fast_cpu_linears: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_draft_tokens != "auto" and not (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens >= 1):
-            raise ValueError(f"num_draft_tokens must be 'auto' or an int >= 1, got {self.num_draft_tokens!r}.")
+        tokens = self.num_draft_tokens
+        if tokens != "auto" and not (isinstance(tokens, int) and tokens >= 1):
+            raise ValueError(f"num_draft_tokens must be 'auto' or an int >= 1, got {tokens!r}.")
         for name in ("max_draft_tokens", "initial_draft_tokens", "layer_parallel_group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        context = self.draft_context
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+            raise ValueError(f"draft_context must be None (the whole prompt) or an int >= 1, got {context!r}.")

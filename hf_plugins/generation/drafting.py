@@ -35,13 +35,20 @@ class DraftModelCandidates(CandidateGenerator):
         draft_model: the draft causal LM (``eval`` mode), on the target's device.
         vocab_size: the target's vocabulary size; draft logits are cut or padded (with -inf) to it.
         layer_parallel_group_size: draft layers per fuzzy group (1 = ordinary sequential drafting).
+        draft_context: the draft sees only the last ``draft_context`` prompt slots (None: all). Its prefill then
+            costs ``draft_context`` positions per row instead of the whole prompt; the target still sees everything,
+            so outputs are unchanged and only acceptance can move.
     """
 
-    def __init__(self, draft_model: PreTrainedModel, vocab_size: int, layer_parallel_group_size: int = 1) -> None:
+    def __init__(self, draft_model: PreTrainedModel, vocab_size: int, layer_parallel_group_size: int = 1,
+                 draft_context: int | None = None) -> None:
         self.draft_model = draft_model
+        self.draft_context = draft_context
+        self._offset: int | None = None  # first slot the draft sees, fixed at the first call
         self.vocab_size = vocab_size
         self.cache = DynamicCache(config=draft_model.config)
-        self.fuzzy = layer_parallel_draft(draft_model, layer_parallel_group_size) if layer_parallel_group_size > 1 else None
+        grouped = layer_parallel_group_size > 1
+        self.fuzzy = layer_parallel_draft(draft_model, layer_parallel_group_size) if grouped else None
         self.num_tokens = 4
         self.chooser: TokenChooser = _greedy
         self._exact_slots = 0  # leading slots whose draft KV entries are exact
@@ -61,9 +68,13 @@ class DraftModelCandidates(CandidateGenerator):
         """
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         positions = position_ids if position_ids is not None else positions_from_mask(mask)
-        slots = input_ids.shape[1]
+        if self._offset is None:
+            self._offset = max(0, input_ids.shape[1] - self.draft_context) if self.draft_context else 0
+        # Slots never move once written, so cutting the same leading slots every call keeps the draft cache aligned.
+        seen, mask, positions = input_ids[:, self._offset :], mask[:, self._offset :], positions[:, self._offset :]
+        slots = seen.shape[1]
         crop_to(self.cache, self._exact_slots)
-        logits = self._forward(input_ids[:, self._exact_slots :], mask, positions[:, self._exact_slots :], exact=True)
+        logits = self._forward(seen[:, self._exact_slots :], mask, positions[:, self._exact_slots :], exact=True)
         tokens, probs = [], []
         for step in range(self.num_tokens):
             token, prob = self.chooser(self._fit_vocab(logits))
@@ -85,7 +96,7 @@ class DraftModelCandidates(CandidateGenerator):
         ``input_ids [batch, slots']`` is the new slot layout; its last slot (the target's token) and any slot the
         draft never saw are recomputed by the next ``get_candidates``.
         """
-        self._exact_slots = min(self._exact_slots, input_ids.shape[1] - 1)
+        self._exact_slots = min(self._exact_slots, input_ids.shape[1] - (self._offset or 0) - 1)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the draft cache's ``rows [n]`` (the target dropped its finished rows)."""

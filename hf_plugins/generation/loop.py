@@ -80,7 +80,7 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
         fixed=None if config.num_draft_tokens == "auto" else config.num_draft_tokens,
     )
     drafter = DraftModelCandidates(speculative_draft, model.config.get_text_config().vocab_size,
-                                   config.layer_parallel_group_size)
+                                   config.layer_parallel_group_size, config.draft_context)
     drafter.chooser = _draft_chooser(prefix_free(logits_processor), do_sample)
 
     if speculative_streamer is not None:

@@ -18,14 +18,18 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 @triton.jit
-def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(i_m, i_n)``, the output tile of program ``program_id(0)`` of a 1-D grid over ``cdiv(M, BM) x cdiv(N, BN)``
-    tiles, ordered so programs sharing a weight column block run back to back (GROUP_M row blocks at a time) and
-    find its weights in L2."""
-    i_p = tl.program_id(0)
+def grouped_tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(i_m, i_n)``, output tile number ``tile`` of ``cdiv(M, BM) x cdiv(N, BN)`` tiles, ordered so consecutive
+    tiles share a weight column block (GROUP_M row blocks at a time) and find its weights in L2."""
     NM, NN = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    i_first = (i_p // (GROUP_M * NN)) * GROUP_M
+    i_first = (tile // (GROUP_M * NN)) * GROUP_M
     size_m = tl.minimum(NM - i_first, GROUP_M)
-    i_m = i_first + (i_p % (GROUP_M * NN)) % size_m
-    i_n = (i_p % (GROUP_M * NN)) // size_m
+    i_m = i_first + (tile % (GROUP_M * NN)) % size_m
+    i_n = (tile % (GROUP_M * NN)) // size_m
     return i_m, i_n
+
+
+@triton.jit
+def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """The tile (:func:`grouped_tile_of`) of program ``program_id(0)`` of a 1-D grid with one program per tile."""
+    return grouped_tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)

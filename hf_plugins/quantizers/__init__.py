@@ -8,14 +8,18 @@ from .awq.quantizer import AwqHfQuantizer, attach_quantizer, quantize_awq_
 from .bipolar.config import BipolarIntConfig
 from .bipolar.modules import BipolarIntLinear
 from .bipolar.quantizer import BipolarIntHfQuantizer, quantize_bipolar_
+from .comet.config import W4A4KV4Config
+from .comet.modules import W4AxLinear
+from .comet.quantizer import W4A4KV4HfQuantizer, quantize_w4a4kv4_
 
 __all__ = ["AwqConfig", "AwqHfQuantizer", "AwqLinear", "BipolarIntConfig", "BipolarIntHfQuantizer",
-           "BipolarIntLinear", "quantize"]
+           "BipolarIntLinear", "W4A4KV4Config", "W4A4KV4HfQuantizer", "W4AxLinear", "quantize"]
 
 # Config type -> (in-place quantize function, transformers quantizer).
 _METHODS = {
     AwqConfig: (quantize_awq_, AwqHfQuantizer),
     BipolarIntConfig: (quantize_bipolar_, BipolarIntHfQuantizer),
+    W4A4KV4Config: (quantize_w4a4kv4_, W4A4KV4HfQuantizer),
 }
 
 

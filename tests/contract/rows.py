@@ -66,4 +66,22 @@ ROWS = [
             (dict(clip="yes"), ValueError, r"BipolarIntConfig\.clip must be True, False or 'auto', got 'yes'"),
         ],
     ),
+    ContractRow(
+        # FMPQ on calibration activations, W4 weights, 4-/8-bit activation blocks (tiny models: 7.6-18.9 dB
+        # measured; plain W4A4 1.6-10.4 dB). The float KV cache (kv_bits=16) keeps "generate with cache equals
+        # without" meaningful; the 4-bit cache is tested in test_kv4_cache.py.
+        name="w4a4-fmpq",
+        make_config=lambda **kw: hf_plugins.W4A4KV4Config(
+            **{"group_size": 64, "outlier_blocks": "auto", "kv_bits": 16, "calibration_samples": 4,
+               "calibration_seq_len": 32, **kw}
+        ),
+        quantized_module=hf_plugins.W4AxLinear,
+        logits_snr_floor_db=7.0,
+        bad_configs=[
+            (dict(group_size=32), ValueError, r"W4A4KV4Config\.group_size must be one of \[64, 128, -1\], got 32"),
+            (dict(kv_bits=8), ValueError, r"W4A4KV4Config\.kv_bits must be one of \[4, 16\], got 8"),
+            (dict(outlier_blocks=-2), ValueError, r"W4A4KV4Config\.outlier_blocks must be 'auto', 'all' or an int"),
+            (dict(calibration="pile"), ValueError, r"W4A4KV4Config\.calibration must be one of"),
+        ],
+    ),
 ]

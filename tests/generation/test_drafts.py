@@ -211,3 +211,22 @@ def test_step_costs_are_fitted_and_plain_steps_explore_again():
     assert policy.current == 0
     policy.update(torch.tensor([0]), drafted=0, draft_seconds=0.0, verify_seconds=0.8)
     assert policy.current == 1  # the third plain step in a row tries drafting again
+
+
+def test_draft_context_limits_what_the_draft_reads_and_keeps_its_cache_aligned():
+    from hf_plugins.generation.drafting import DraftModelCandidates
+
+    draft = _deeper("llama", 2)
+    ids = torch.randint(3, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(5))
+    windowed = DraftModelCandidates(draft, VOCAB_SIZE, draft_context=5)
+    windowed.num_tokens = 3
+    candidates, _ = windowed.get_candidates(ids)
+    assert windowed.cache.get_seq_length() == 5 + 2  # the window, then the first two drafts fed back
+    # The first draft is what the model predicts from the last 5 prompt tokens alone (at their true positions).
+    alone = draft(ids[:, -5:], position_ids=torch.arange(7, 12).expand(2, 5)).logits[:, -1].argmax(-1)
+    assert torch.equal(candidates[:, 12], alone)
+    # After verification accepted one draft per row, the cache keeps only window slots seen exactly.
+    grown = torch.cat([candidates[:, :13], ids[:, :1]], dim=1)
+    windowed.update_candidate_strategy(grown, None, torch.ones(2, dtype=torch.long))
+    windowed.get_candidates(grown)
+    assert windowed.cache.get_seq_length() == grown.shape[1] - 7 + 2

@@ -118,6 +118,7 @@ def test_speculative_config_without_a_draft_is_an_error(pair):
         (dict(num_draft_tokens=0), "num_draft_tokens must be 'auto' or an int >= 1, got 0"),
         (dict(max_draft_tokens=0), "max_draft_tokens must be an int >= 1, got 0"),
         (dict(layer_parallel_group_size=1.5), "layer_parallel_group_size must be an int >= 1, got 1.5"),
+        (dict(draft_context=0), r"draft_context must be None \(the whole prompt\) or an int >= 1, got 0"),
     ],
 )
 def test_config_validates_at_construction(kwargs, message):

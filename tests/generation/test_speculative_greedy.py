@@ -52,8 +52,8 @@ def test_greedy_output_equals_plain_greedy(arch, draft_kind):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-@pytest.mark.parametrize("group_size", [1, 2])
-def test_batch_rows_equal_plain_batched_greedy(arch, group_size):
+@pytest.mark.parametrize(("group_size", "draft_context"), [(1, None), (2, None), (1, 4), (2, 4)])
+def test_batch_rows_equal_plain_batched_greedy(arch, group_size, draft_context):
     if group_size > 1 and arch == "gemma2":
         pytest.skip("layer-parallel drafting covers Llama-style attention")
     target = tiny_model(arch)[0].double()
@@ -66,7 +66,7 @@ def test_batch_rows_equal_plain_batched_greedy(arch, group_size):
         ids[row, :pad] = 0
     plain = target.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     out = target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=30, do_sample=False,
-                          speculative_config=SpeculativeConfig(num_draft_tokens=3,
+                          speculative_config=SpeculativeConfig(num_draft_tokens=3, draft_context=draft_context,
                                                                layer_parallel_group_size=group_size),
                           return_dict_in_generate=True)
     assert out.sequences.shape == plain.shape

@@ -37,11 +37,13 @@ def resolve_skipped_modules(model, config: AwqConfig) -> list[str]:
     )
 
 
-def _calibration_ids(
+def calibration_ids(
     model, config: AwqConfig, calibration_data, tokenizer
 ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
     """Calibration ids ``[n_samples, seq_len]`` and, for ``clip="auto"`` with calibration text, validation ids from
-    the text that follows (None when the text runs out or the caller passed token ids)."""
+    the text that follows (None when the text runs out, the caller passed token ids or ``config`` has no clip
+    search). Any config with the calibration fields (``calibration``, ``calibration_samples``,
+    ``calibration_seq_len``, ``tokenizer``) can use it."""
     data = calibration_data if calibration_data is not None else config.calibration
     if data is None or (isinstance(data, str) and data == "custom"):
         name = type(config).__name__
@@ -57,7 +59,7 @@ def _calibration_ids(
     if tokenizer is None:
         tokenizer = _tokenizer_from_model_folder(model)
     n_samples = config.calibration_samples
-    n_validation = CLIP_VALIDATION_SAMPLES if config.clip == "auto" else 0
+    n_validation = CLIP_VALIDATION_SAMPLES if getattr(config, "clip", False) == "auto" else 0
     ids = calibration_blocks(resolve_texts(data), tokenizer, n_samples + n_validation, config.calibration_seq_len)
     if ids.shape[0] <= n_samples:
         if n_validation:
@@ -109,17 +111,23 @@ def search_and_pack_(model, config, pack, label: str, search: dict | None, calib
     if search is not None:
         from .algorithm import apply_awq
 
-        ids, validation_ids = _calibration_ids(model, config, calibration_data, tokenizer)
+        ids, validation_ids = calibration_ids(model, config, calibration_data, tokenizer)
         report = apply_awq(model, ids.to(model.device), validation_ids=validation_ids,
                            modules_to_not_convert=frozenset(skip), **search)
     names = linears_to_quantize(model, skip)
     for name in tqdm(names, desc=label, unit="linear", leave=False):
         model.set_submodule(name, pack(model.get_submodule(name)))
+    return resolved_config(config, skip), report
+
+
+def resolved_config(config, skip: list[str]):
+    """What a quantized model records: ``config`` with the exact skipped-module list, no tokenizer and inline
+    calibration text recorded as ``"custom"`` (the user's config is not mutated)."""
     resolved = config.with_skipped_modules(skip)
     resolved.tokenizer = None
     if isinstance(resolved.calibration, list):
         resolved.calibration = "custom"
-    return resolved, report
+    return resolved
 
 
 def attach_quantizer(model, config, quantizer_cls: type | None = None) -> None:

@@ -1,0 +1,53 @@
+"""Timing helpers shared by the GPU kernel benchmarks: medians from ``do_bench`` (eager and CUDA graph), and
+weight copies rotated so every timed call streams its weights from HBM instead of L2."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+ROTATE_BYTES = 256 << 20
+"""Weights cycled per timing: several times a Hopper L2 (50-60 MB), so every call reads HBM."""
+
+
+def timer_for(dry_run: bool):
+    """Median ms per call: on a GPU the smaller of ``do_bench`` (eager, host launch cost included) and
+    ``do_bench_cudagraph`` (GPU time, as under CUDA-graph decode) for every route alike; wall clock under the
+    interpreter (meaningless as speed)."""
+    if not dry_run:
+        import triton.testing
+
+        def gpu(fn) -> float:
+            eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            try:
+                graphed = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            except RuntimeError:  # a route that cannot be captured is timed eagerly
+                graphed = eager
+            return min(eager, graphed)
+
+        return gpu
+
+    def wall(fn) -> float:
+        samples = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(samples)
+
+    return wall
+
+
+def rotating(make, nbytes: int, dry_run: bool) -> list:
+    """Enough independent copies of ``make()`` to overflow the L2 cache (one under the interpreter)."""
+    return [make() for _ in range(1 if dry_run else max(2, -(-ROTATE_BYTES // nbytes)))]
+
+
+def cycled(fn, copies: list):
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return fn(copies[state["i"]])
+
+    return call
