@@ -1,8 +1,19 @@
-"""A 4-bit KV cache: keys and values stored as packed 4-bit codes with a scale and a minimum per token, head and
-group of head-dimension channels; croppable and row-selectable, so speculative decoding and batches work on it.
+"""A 4-bit KV cache: keys and values stored as packed 4-bit codes; croppable and row-selectable, so speculative
+decoding and batches work on it.
 
-Per-token groups make every appended token final the moment it is written (no residual float window), so
-``crop`` is a slice and the cache holds exactly what it would hold had the rejected tokens never been appended.
+- **Values**: asymmetric per token, head and group of ``group_size`` head-dimension channels (fp16 scale and
+  minimum per group).
+- **Keys**, chosen per layer from the first (prefill) keys it sees:
+  - ``token``: like the values; or
+  - ``pair``: symmetric per channel with a scale frozen at prefill, shared by the two channels RoPE rotates
+    together (the largest magnitude of the pair ``sqrt(k_i^2 + k_(i+d/2)^2)`` over the prefill tokens, which
+    rotation leaves unchanged), for layers where some head has an outlier pair (``OUTLIER_PAIR_RATIO``).
+    Keys with large per-channel offsets (Qwen2's key bias) need this: a per-token scale would spend the 16
+    levels on the offset channels.
+
+Every token's codes depend only on the token and the prefill, and every query (its own token's included) reads
+the dequantized keys and values: prefill, decoding and speculative verification see the same numbers, and
+``crop`` is a slice.
 """
 
 from __future__ import annotations
@@ -12,6 +23,19 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
 CODE_MAX = 15
+PAIR_MAX = 7
+KEY_SCHEMES = ("token", "pair")
+OUTLIER_PAIR_RATIO = 8.0
+"""A layer's keys are quantized ``pair``-wise when some head has a RoPE pair this many times larger than its
+median pair at prefill (Qwen2.5-0.5B: up to 40 in 6 of 24 layers; SmolLM2-135M: at most 5)."""
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,16 +48,40 @@ def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     minimum = low.half()
     scale = ((high - minimum.float()) / CODE_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
     codes = torch.round((grouped - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, CODE_MAX)
-    codes = codes.to(torch.uint8).reshape(*lead, head_dim)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale, minimum
+    return _pack(codes.to(torch.uint8).reshape(*lead, head_dim)), scale, minimum
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_kv` up to rounding: ``[batch, heads, tokens, head_dim]`` in ``dtype``."""
-    *lead, half = codes.shape
-    values = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(*lead, scale.shape[-1], -1).float()
+    values = _unpack(codes).reshape(*codes.shape[:-1], scale.shape[-1], -1).float()
     values = values * scale.float()[..., None] + minimum.float()[..., None]
-    return values.reshape(*lead, 2 * half).to(dtype)
+    return values.flatten(-2).to(dtype)
+
+
+def pair_scales(keys: torch.Tensor) -> torch.Tensor:
+    """Per-channel symmetric scales ``[batch, heads, 1, head_dim]`` (fp16) from prefill ``keys``: the largest
+    magnitude of each RoPE pair (channels ``i`` and ``i + head_dim / 2``) over the tokens, over 7."""
+    half = keys.shape[-1] // 2
+    squared = keys.float().pow(2)
+    magnitude = (squared[..., :half] + squared[..., half:]).sqrt().amax(-2, keepdim=True)
+    scale = (magnitude / PAIR_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
+    return torch.cat([scale, scale], dim=-1)
+
+
+def quantize_pairwise(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Keys -> packed offset-binary codes of ``clamp(round(k / scale), -7, 7)``."""
+    codes = torch.round(keys.float() / scale.float()).clamp(-PAIR_MAX, PAIR_MAX) + 8
+    return _pack(codes.to(torch.uint8))
+
+
+def dequantize_pairwise(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((_unpack(codes).float() - 8) * scale.float()).to(dtype)
+
+
+def outlier_pair_ratio(scale: torch.Tensor) -> float:
+    """The largest ratio, over rows and heads, of a head's largest RoPE-pair scale to its median one."""
+    half = scale[..., : scale.shape[-1] // 2].float()
+    return float((half.amax(-1) / half.median(-1).values.clamp_min(1e-30)).max())
 
 
 class KV4Layer(DynamicLayer):
@@ -43,13 +91,18 @@ class KV4Layer(DynamicLayer):
     Args:
         group_size: head-dimension channels per scale and minimum (clipped to the head dimension, which it must
             divide).
+        key_scheme: ``"token"``, ``"pair"`` or None (chosen at the first update, module docstring).
     """
 
     is_croppable = True
 
-    def __init__(self, group_size: int = 64) -> None:
+    def __init__(self, group_size: int = 32, key_scheme: str | None = None) -> None:
         super().__init__()
+        if key_scheme not in (None, *KEY_SCHEMES):
+            raise ValueError(f"key_scheme must be None (chosen at prefill) or one of {KEY_SCHEMES}, got "
+                             f"{key_scheme!r}.")
         self.group_size = group_size
+        self.key_scheme = key_scheme
         self.parts: dict[str, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -59,24 +112,41 @@ class KV4Layer(DynamicLayer):
             raise ValueError(f"KV4 cache groups of {self.group_size} channels must be even and divide the head "
                              f"dimension {head_dim}; pick a kv_group_size dividing it.")
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.parts["k_pair_scale"] = pair_scales(key_states)
+        if self.key_scheme is None:
+            self.key_scheme = "pair" if outlier_pair_ratio(self.parts["k_pair_scale"]) > OUTLIER_PAIR_RATIO else "token"
+        if self.key_scheme == "token":
+            del self.parts["k_pair_scale"]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # An inference cache: the stored codes carry no autograd history.
+        key_states, value_states = key_states.detach(), value_states.detach()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        for name, states in (("k", key_states), ("v", value_states)):
-            for suffix, part in zip(("codes", "scale", "min"), quantize_kv(states, self.group_size)):
-                key = f"{name}_{suffix}"
-                self.parts[key] = torch.cat([self.parts[key], part], dim=-2) if key in self.parts else part
+        if self.key_scheme == "pair":
+            self._append("k_codes", quantize_pairwise(key_states, self.parts["k_pair_scale"]))
+        else:
+            self._append_groups("k", key_states)
+        self._append_groups("v", value_states)
         return self.dequantized("k"), self.dequantized("v")
+
+    def _append(self, key: str, part: torch.Tensor) -> None:
+        self.parts[key] = torch.cat([self.parts[key], part], dim=-2) if key in self.parts else part
+
+    def _append_groups(self, name: str, states: torch.Tensor) -> None:
+        for suffix, part in zip(("codes", "scale", "min"), quantize_kv(states, self.group_size)):
+            self._append(f"{name}_{suffix}", part)
 
     def dequantized(self, name: str) -> torch.Tensor:
         """The cached ``"k"`` or ``"v"`` as floats ``[batch, kv_heads, tokens, head_dim]``."""
+        if name == "k" and self.key_scheme == "pair":
+            return dequantize_pairwise(self.parts["k_codes"], self.parts["k_pair_scale"], self.dtype)
         return dequantize_kv(self.parts[f"{name}_codes"], self.parts[f"{name}_scale"], self.parts[f"{name}_min"],
                              self.dtype)
 
     def get_seq_length(self) -> int:
-        return self.parts["k_codes"].shape[-2] if self.parts else 0
+        return self.parts["k_codes"].shape[-2] if "k_codes" in self.parts else 0
 
     def nbytes(self) -> int:
         """Bytes held by the codes, scales and minima."""
@@ -87,14 +157,15 @@ class KV4Layer(DynamicLayer):
         codes = self.parts.get("k_codes")
         return 0 if codes is None else 2 * 2 * codes.numel() * torch.empty(0, dtype=dtype).element_size()
 
-    def _map(self, fn) -> None:
-        self.parts = {key: fn(tensor) for key, tensor in self.parts.items()}
+    def _map(self, fn, per_token: bool = True) -> None:
+        """Apply ``fn`` to every stored tensor (``per_token=False``: only those with a token axis)."""
+        self.parts = {key: fn(t) if per_token or key != "k_pair_scale" else t for key, t in self.parts.items()}
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"KV4Layer.crop takes a negative count of tokens to remove, got {tokens_to_remove}.")
         if tokens_to_remove:
-            self._map(lambda t: t[..., :tokens_to_remove, :])
+            self._map(lambda t: t[..., :tokens_to_remove, :], per_token=False)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -122,16 +193,17 @@ class KV4Cache(Cache):
 
     Args:
         config: the decoder's config (``num_hidden_layers``; sliding-window layers are not supported).
-        group_size: head-dimension channels per scale and minimum. Default 64: 28% of the fp16 cache's bytes.
+        group_size: head-dimension channels per scale and minimum of the per-token groups. Default: 32.
+        key_scheme: ``"token"``, ``"pair"`` or None: each layer picks at prefill (module docstring).
     """
 
-    def __init__(self, config: PreTrainedConfig, group_size: int = 64) -> None:
+    def __init__(self, config: PreTrainedConfig, group_size: int = 32, key_scheme: str | None = None) -> None:
         config = config.get_text_config(decoder=True)
         sliding = [kind for kind in (getattr(config, "layer_types", None) or ()) if kind != "full_attention"]
         if sliding:
             raise ValueError(f"KV4Cache covers full-attention layers; this model also has {sorted(set(sliding))} "
                              "layers. Use kv_bits=16 for it.")
-        super().__init__(layers=[KV4Layer(group_size) for _ in range(config.num_hidden_layers)])
+        super().__init__(layers=[KV4Layer(group_size, key_scheme) for _ in range(config.num_hidden_layers)])
 
     def nbytes(self) -> int:
         """Bytes held by every layer's codes, scales and minima."""

@@ -23,17 +23,35 @@ def test_round_trip_error_is_at_most_half_a_step(group_size):
     assert ((restored - states).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
 
 
-def test_bytes_are_under_30_percent_of_fp16():
-    cache = KV4Cache(tiny_model("llama")[0].config)
+@pytest.mark.parametrize(("group_size", "fraction"), [(32, 20 / 64), (64, 36 / 128)])
+def test_bytes_per_value_are_half_a_byte_plus_the_group_scales(group_size, fraction):
+    cache = KV4Cache(tiny_model("llama")[0].config, group_size, key_scheme="token")
     states = torch.randn(1, 2, 4096, 64)
     cache.update(states, states, 0)
     assert cache.dense_nbytes() == 2 * states.numel() * 2
-    assert cache.nbytes() / cache.dense_nbytes() <= 0.30
+    assert cache.nbytes() / cache.dense_nbytes() == pytest.approx(fraction)
 
 
-def test_crop_and_row_selection_keep_what_was_never_removed():
+def test_keys_with_an_outlier_pair_are_quantized_pairwise_and_reconstruct_better():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 2, 40, 64, generator=gen)
+    angle = torch.linspace(0, 3, 40)
+    keys[..., 5], keys[..., 37] = 60 * torch.cos(angle), 60 * torch.sin(angle)  # a rotating offset, as RoPE makes
+    errors = {}
+    for scheme in (None, "token"):
+        cache = KV4Cache(tiny_model("llama")[0].config, 32, key_scheme=scheme)
+        restored, _ = cache.update(keys, keys, 0)
+        errors[cache.layers[0].key_scheme] = (restored - keys).pow(2).sum() / keys.pow(2).sum()
+    assert set(errors) == {"pair", "token"} and errors["pair"] < errors["token"] / 2
+    plain = KV4Cache(tiny_model("llama")[0].config, 32)
+    plain.update(torch.randn(1, 2, 40, 64, generator=gen), torch.randn(1, 2, 40, 64, generator=gen), 0)
+    assert plain.layers[0].key_scheme == "token"
+
+
+@pytest.mark.parametrize("key_scheme", ["token", "pair"])
+def test_crop_and_row_selection_keep_what_was_never_removed(key_scheme):
     model, _ = tiny_model("llama")
-    cache = KV4Cache(model.config, group_size=16)
+    cache = KV4Cache(model.config, group_size=16, key_scheme=key_scheme)
     keys, values = torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
     full_k, full_v = cache.update(keys, values, 0)
     cache.crop(-4)

@@ -40,8 +40,9 @@ class W4A4KV4Config(PluginQuantizationConfig):
             ``"all"`` makes every block 8-bit (W4A8). Default: "auto".
         kv_bits (`int`): 4 stores keys and values in 4 bits (a ``KV4Cache`` is used by ``generate``); 16 keeps the
             model's float cache. Default: 4.
-        kv_group_size (`int`): head-dimension channels per KV scale and zero point (per token and head); the
-            head dimension must be a multiple of it. Default: 64.
+        kv_group_size (`int`): head-dimension channels per KV scale and minimum (per token and head); the head
+            dimension must be a multiple of it. 32 stores 31% of an fp16 cache's bytes, 64 stores 28% at a
+            higher error. Default: 32.
         calibration (`str | list[str] | None`): calibration text for FMPQ (``"wiki"``, ``"news"``, ``"code"`` or a
             list of documents); required unless ``outlier_blocks`` is 0 or ``"all"`` and can be passed to
             ``hf_plugins.quantize`` instead. Default: None.
@@ -55,7 +56,7 @@ class W4A4KV4Config(PluginQuantizationConfig):
     FIELDS = _FIELDS
 
     def __init__(self, group_size: int = 128, outlier_blocks: int | str = "auto", kv_bits: int = 4,
-                 kv_group_size: int = 64, calibration: str | list[str] | None = None, calibration_samples: int = 8,
+                 kv_group_size: int = 32, calibration: str | list[str] | None = None, calibration_samples: int = 8,
                  calibration_seq_len: int = 512, modules_to_not_convert: list[str] | None = None,
                  tokenizer: Any = None, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _IGNORED_KEYS)
