@@ -35,6 +35,8 @@ bench: assets
 	$(PY) benchmarks/awq_cpu_speed.py
 	$(PY) benchmarks/speculative_cpu.py
 	$(PY) benchmarks/bitplane_cpu.py
+	$(PY) benchmarks/w4ax_cpu.py
+	$(PY) benchmarks/w4a4kv4_quality.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

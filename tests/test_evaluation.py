@@ -150,6 +150,27 @@ def test_batching_and_documents_are_independent(model, tokenizer):
     assert sum(r.n_tokens for r in per_doc) == single.n_tokens
 
 
+def test_a_cache_factory_routes_attention_through_that_cache(model, tokenizer):
+    from transformers import DynamicCache
+
+    from hf_plugins import KV4Cache
+
+    plain = perplexity(model, tokenizer, TEXTS, window=9, stride=4, batch_size=3, progress=False)
+    made = []
+
+    def dynamic():
+        made.append(DynamicCache(config=model.config))
+        return made[-1]
+
+    cached = perplexity(model, tokenizer, TEXTS, window=9, stride=4, batch_size=3, progress=False,
+                        cache_factory=dynamic)
+    assert cached.nll_sum == pytest.approx(plain.nll_sum, rel=PPL_RTOL)
+    assert len(made) == -(-plain.n_windows // 3) and made[0].get_seq_length() > 0
+    kv4 = perplexity(model, tokenizer, TEXTS, window=9, stride=4, batch_size=3, progress=False,
+                     cache_factory=lambda: KV4Cache(model.config, group_size=8))
+    assert kv4.nll_sum != pytest.approx(plain.nll_sum, rel=PPL_RTOL)  # the 4-bit keys and values are read
+
+
 def test_max_chars_truncates_each_document(model, tokenizer):
     truncated = perplexity(model, tokenizer, TEXTS, window=9, max_chars=40, progress=False)
     manual = perplexity(model, tokenizer, [t[:40] for t in TEXTS], window=9, progress=False)

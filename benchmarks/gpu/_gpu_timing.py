@@ -1,10 +1,14 @@
-"""Timing helpers shared by the GPU kernel benchmarks: medians from ``do_bench`` (eager and CUDA graph), and
-weight copies rotated so every timed call streams its weights from HBM instead of L2."""
+"""Helpers shared by the GPU kernel benchmarks: medians from ``do_bench`` (eager and CUDA graph), weight copies
+rotated so every timed call streams its weights from HBM instead of L2, ratio cells and the JSON report."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 ROTATE_BYTES = 256 << 20
 """Weights cycled per timing: several times a Hopper L2 (50-60 MB), so every call reads HBM."""
@@ -51,3 +55,24 @@ def cycled(fn, copies: list):
         return fn(copies[state["i"]])
 
     return call
+
+
+def ratio_text(value: float | None) -> str:
+    """A speed-up table cell: ``" 1.23x"``, or a dash for a route that was not timed."""
+    return "    -" if value is None else f"{value:5.2f}x"
+
+
+def write_report(name: str, rows: list[dict], targets: list[str], dry_run: bool, out: str | None,
+                 results: Path) -> None:
+    """Write ``{name}-{date}-{card}.json`` to ``out``, else ``$OUT``, else ``results`` (nowhere for a dry run
+    without a folder)."""
+    import torch
+
+    card = "interpreter" if dry_run else torch.cuda.get_device_name().lower().replace(" ", "-")
+    report = {"date": str(datetime.date.today()), "card": card, "torch": torch.__version__, "dry_run": dry_run,
+              "rows": rows, "targets": targets}
+    folder = out or os.environ.get("OUT") or (None if dry_run else results)
+    if folder is not None:
+        path = Path(folder) / f"{name}-{datetime.date.today()}-{card}.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")

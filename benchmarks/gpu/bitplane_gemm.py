@@ -18,9 +18,6 @@ largest M.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -39,7 +36,7 @@ from hf_plugins.quantizers.bipolar.weights import quantize_weight_bipolar  # noq
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, rotating, timer_for  # noqa: E402
+from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
 
 CONFIGS = ("w2a16", "w3a16", "w4a16", "w8a16", "w1a2", "w2a2", "w4a4", "w8a8")
 SIZES, BATCHES = (4096, 8192), (1, 16, 128, 1024, 4096)
@@ -101,13 +98,10 @@ def bench_size(size: int, batches, configs, device: str, dry_run: bool) -> list[
 
 
 def _format(row: dict) -> str:
-    def ratio(value):
-        return "    -" if value is None else f"{value:5.2f}x"
-
     status = "" if row["checked"] else f"  CHECK FAILED (rel error {row['rel_error']:.2e})"
     ms = "-" if row["ms"] is None else f"{row['ms']:.4f}"
     return (f"{row['size']:>5}  M={row['M']:<5} {row['config']:<6} {row['route']:<9} {ms:>9} ms  "
-            f"vs fp16 {ratio(row['vs_fp16'])}  vs int8 {ratio(row['vs_int8'])}{status}")
+            f"vs fp16 {ratio_text(row['vs_fp16'])}  vs int8 {ratio_text(row['vs_int8'])}{status}")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -150,14 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for size in sizes for row in bench_size(size, batches, args.configs, device, args.dry_run)]
     summary = targets(rows)
     print("\n".join(summary))
-    card = "interpreter" if args.dry_run else torch.cuda.get_device_name().lower().replace(" ", "-")
-    report = {"date": str(datetime.date.today()), "card": card, "torch": torch.__version__, "dry_run": args.dry_run,
-              "rows": rows, "targets": summary}
-    folder = args.out or os.environ.get("OUT") or (None if args.dry_run else REPO / "benchmarks" / "results")
-    if folder is not None:
-        path = Path(folder) / f"bitplane_gemm-{datetime.date.today()}-{card}.json"
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
+    write_report("bitplane_gemm", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
     return 0 if all(row["checked"] for row in rows) else 1
 
 

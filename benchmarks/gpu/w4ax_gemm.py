@@ -16,9 +16,6 @@ Targets (issue): >= 1.6x bf16 at M >= 512 and >= 1.3x at M = 2..8, on 4096x4096 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -38,7 +35,7 @@ from hf_plugins.kernels.w4ax_gemm.triton import w4ax_linear_triton  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, rotating, timer_for  # noqa: E402
+from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336))  # (K, N)
 BATCHES = (1, 2, 4, 8, 16, 64, 512, 2048, 8192)
@@ -88,13 +85,10 @@ def bench_shape(K: int, N: int, batches, device: str, dry_run: bool) -> list[dic
 
 
 def _format(row: dict) -> str:
-    def ratio(value):
-        return "    -" if value is None else f"{value:5.2f}x"
-
     status = "" if row["checked"] else f"  CHECK FAILED (rel error {row['rel_error']:.2e})"
     ms = "-" if row["ms"] is None else f"{row['ms']:.4f}"
     return (f"{row['K']:>5}x{row['N']:<6} M={row['M']:<5} {row['mix']:<6} {ms:>9} ms  vs fp16 "
-            f"{ratio(row['vs_fp16'])}  vs bf16 {ratio(row['vs_bf16'])}{status}")
+            f"{ratio_text(row['vs_fp16'])}  vs bf16 {ratio_text(row['vs_bf16'])}{status}")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -122,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for K, N in shapes for row in bench_shape(K, N, batches, device, args.dry_run)]
     summary = targets(rows)
     print("\n".join(summary))
-    card = "interpreter" if args.dry_run else torch.cuda.get_device_name().lower().replace(" ", "-")
-    report = {"date": str(datetime.date.today()), "card": card, "torch": torch.__version__, "dry_run": args.dry_run,
-              "rows": rows, "targets": summary}
-    folder = args.out or os.environ.get("OUT") or (None if args.dry_run else REPO / "benchmarks" / "results")
-    if folder is not None:
-        path = Path(folder) / f"w4ax_gemm-{datetime.date.today()}-{card}.json"
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
+    write_report("w4ax_gemm", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
     return 0 if all(row["checked"] for row in rows) else 1
 
 

@@ -27,6 +27,7 @@ from hf_plugins.kernels.bitplane_gemm.triton import (
 )
 from hf_plugins.quantizers.bipolar.modules import BipolarIntLinear
 from hf_plugins.quantizers.bipolar.weights import quantize_weight_bipolar
+from tests.kernels.poison import poisoned_output
 from tests.tolerances import FLOAT_KERNEL_RTOL, assert_close_kernel, max_rel_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,14 +35,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN (or int garbage), so unwritten elements show."""
-
-    def poisoned(shape, dtype, device):
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, -99, dtype=dtype, device=device)
-
-    monkeypatch.setattr(bitplane_triton, "_new_output", poisoned)
+    monkeypatch.setattr(bitplane_triton, "_new_output", poisoned_output)
 
 
 def _random_bipolar(rows: int, cols: int, bits: int, seed: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from hf_plugins.kernels.w4ax_gemm.reference import (
     w4ax_matmul_reference,
 )
 from hf_plugins.kernels.w4ax_gemm.triton import quantize_activations_triton, w4ax_linear_triton, w4ax_matmul_triton
+from tests.kernels.poison import poisoned_output
 from tests.tolerances import FLOAT_KERNEL_RTOL, assert_close_kernel, max_rel_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,14 +26,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN (or int garbage), so unwritten elements show."""
-
-    def poisoned(shape, dtype, device):
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, 77, dtype=dtype, device=device)
-
-    monkeypatch.setattr(w4ax_triton, "_new_output", poisoned)
+    monkeypatch.setattr(w4ax_triton, "_new_output", poisoned_output)
 
 
 def _split(codes: torch.Tensor, a8_channels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from ...kernels.w4ax_gemm.reference import BLOCK, num_blocks, quantize_activatio
 
 SAMPLE_TOKENS = 256  # calibration tokens per linear on which "auto" measures output error
 AUTO_MAX_FRACTION = 0.25  # "auto" keeps at most a quarter of a layer's blocks in 8 bits (COMET's 3:1 mix)
-AUTO_SLACK = 1.25  # "auto" takes the fewest 8-bit blocks whose error is within this factor of the cap's
+AUTO_SLACK = 1.1  # "auto" takes the cheapest layout whose output error is within this factor of the best one
 
 
 @dataclass
@@ -33,8 +33,9 @@ class InputStats:
 class LayerPlan:
     """One linear's layout: ``perm [K]`` (the original channel at each position) and its 8-bit channel count.
 
-    ``errors[n]`` is the relative output error (``||y_q - y||^2 / ||y||^2`` on the calibration sample, with the
-    quantized weight in both) with ``n`` outlier blocks, for the counts ``"auto"`` compared.
+    ``errors`` are the relative output errors (``||y_q - y||^2 / ||y||^2`` on the calibration sample, against the
+    float layer) of the layouts ``"auto"`` compared: ``errors[0]`` the original order without 8-bit blocks,
+    ``errors[1 + n]`` the reordered layer with ``n`` blocks in 8 bits.
     """
 
     perm: torch.Tensor
@@ -74,22 +75,33 @@ def collect_input_stats(model: nn.Module, ids: torch.Tensor, names: list[str]) -
     return {name: InputStats(absmax[name].cpu(), torch.cat(samples[name])[:SAMPLE_TOKENS]) for name in names}
 
 
-def _relative_error(sample: torch.Tensor, w_hat: torch.Tensor, a8_channels: int) -> float:
-    """``||Q(x) W^T - x W^T||^2 / ||x W^T||^2`` for permuted ``sample [S, K]`` and dequantized ``w_hat [N, K]``."""
-    codes, scales = quantize_activations(sample, a8_channels)
-    x_hat = codes.float() * scales.repeat_interleave(BLOCK, dim=1)[:, : sample.shape[1]]
-    exact = sample @ w_hat.t()
+def _output_error(sample: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor, a8_channels: int,
+                  group_size: int) -> float:
+    """``||Q(x[perm]) Q(W[:, perm])^T - x W^T||^2 / ||x W^T||^2`` on ``sample [S, K]``: the layer's whole output
+    error in one layout, weight and activation rounding together (the order changes the weight groups too)."""
+    in_features = weight.shape[1]
+    codes, scales = quantize_weight(weight[:, perm], group_size)
+    group = in_features if group_size == -1 else group_size
+    w_hat = codes.float() * scales.repeat_interleave(group, dim=1)[:, :in_features]
+    x_codes, x_scales = quantize_activations(sample[:, perm], a8_channels)
+    x_hat = x_codes.float() * x_scales.repeat_interleave(BLOCK, dim=1)[:, :in_features]
+    exact = sample @ weight.float().t()
     return float((x_hat @ w_hat.t() - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30))
 
 
 def plan_layer(weight: torch.Tensor, stats: InputStats | None, outlier_blocks: int | str,
                group_size: int) -> LayerPlan:
-    """The layout of a linear with ``weight [N, K]``: reorder by descending calibration absmax (none for
-    ``outlier_blocks`` 0 or ``"all"``), then the 8-bit block count: fixed, all, or ``"auto"``: the fewest blocks,
-    up to a quarter of the layer's, whose measured error is within ``AUTO_SLACK`` of the error at that cap."""
+    """The layout of a linear with ``weight [N, K]``.
+
+    ``outlier_blocks`` 0 or ``"all"``: the original order, no or every block in 8 bits. An int: reorder by
+    descending calibration absmax, that many blocks in 8 bits. ``"auto"``: from the candidates, cheapest first,
+    the original order without 8-bit blocks, then the reordered layer with 0, 1, ... up to a quarter of its
+    blocks in 8 bits, the first whose measured output error is within ``AUTO_SLACK`` of the best candidate's.
+    """
     in_features = weight.shape[1]
+    identity = torch.arange(in_features)
     if outlier_blocks in (0, "all"):
-        return LayerPlan(torch.arange(in_features), in_features if outlier_blocks == "all" else 0)
+        return LayerPlan(identity, in_features if outlier_blocks == "all" else 0)
     if stats is None:
         raise ValueError(f"outlier_blocks={outlier_blocks!r} reorders channels from calibration statistics; "
                          "pass calibration data, or use outlier_blocks=0 (plain W4A4) or 'all' (W4A8).")
@@ -97,10 +109,9 @@ def plan_layer(weight: torch.Tensor, stats: InputStats | None, outlier_blocks: i
     if outlier_blocks != "auto":
         return LayerPlan(perm, min(outlier_blocks * BLOCK, in_features))
     cap = max(1, round(num_blocks(in_features) * AUTO_MAX_FRACTION))
-    codes, scales = quantize_weight(weight[:, perm], group_size)
-    group = in_features if group_size == -1 else group_size
-    w_hat = codes.float() * scales.repeat_interleave(group, dim=1)[:, :in_features]
-    sample = stats.sample[:, perm].float()
-    errors = [_relative_error(sample, w_hat, min(n * BLOCK, in_features)) for n in range(cap + 1)]
-    chosen = next(n for n, error in enumerate(errors) if error <= AUTO_SLACK * errors[-1])
-    return LayerPlan(perm, min(chosen * BLOCK, in_features), errors)
+    candidates = [(identity, 0)] + [(perm, min(n * BLOCK, in_features)) for n in range(cap + 1)]
+    sample = stats.sample.float()
+    errors = [_output_error(sample, weight.detach(), order, a8, group_size) for order, a8 in candidates]
+    best = min(errors)
+    chosen = next(index for index, error in enumerate(errors) if error <= AUTO_SLACK * best)
+    return LayerPlan(*candidates[chosen], errors)
