@@ -60,10 +60,9 @@ def test_auto_keeps_the_outlier_block_in_8_bits_and_cuts_the_error():
     x, stats = _outlier_stats()
     weight = torch.randn(40, 300)
     plan = plan_layer(weight, stats, "auto", 128)
-    # 3 blocks: "auto" compares the original order, then the reordered layer with 0 or 1 (a quarter, rounded)
-    # 8-bit blocks; the outliers make block 0 worth it.
-    assert plan.outlier_blocks == 1 and len(plan.errors) == 3
-    assert plan.errors[2] <= AUTO_SLACK * min(plan.errors) and plan.errors[0] > 4 * plan.errors[2]
+    # 3 blocks: "auto" may keep 1 (a quarter, rounded); the outliers make block 0 worth it.
+    assert plan.outlier_blocks == 1 and len(plan.errors) == 2
+    assert plan.errors[1] <= AUTO_SLACK * plan.errors[-1] and plan.errors[0] > 10 * plan.errors[1]
     plain = plan_layer(weight, None, 0, 128)
     assert plain.a8_channels == 0 and torch.equal(plain.perm, torch.arange(300))
 
@@ -72,17 +71,6 @@ def test_auto_keeps_the_outlier_block_in_8_bits_and_cuts_the_error():
         return max_rel_error(module(x), x @ module.dequantized_weight().t())
 
     assert activation_error(plan) < activation_error(plain) / 4
-
-
-@pytest.mark.parametrize("outliers", [(), (3, 200)])
-def test_auto_takes_the_cheapest_layout_within_the_slack_of_the_best(outliers):
-    x, stats = _outlier_stats(channels=outliers, seed=len(outliers))
-    plan = plan_layer(torch.randn(40, 300, generator=torch.Generator().manual_seed(2)), stats, "auto", 128)
-    # Candidates, cheapest first: original order without 8-bit blocks, then reordered with 0 and 1 blocks.
-    layouts = [(True, 0), (False, 0), (False, BLOCK)]
-    chosen = next(i for i, error in enumerate(plan.errors) if error <= AUTO_SLACK * min(plan.errors))
-    is_identity = torch.equal(plan.perm, torch.arange(300))
-    assert (is_identity, plan.a8_channels) == layouts[chosen]
 
 
 def test_fixed_layouts_and_missing_calibration():
@@ -136,5 +124,5 @@ def test_quantize_reports_each_linear_and_records_the_layout():
                                  calibration_data=random_token_ids(4, 32))
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, W4AxLinear) and report["model.layers.0.mlp.down_proj"]["outlier_blocks"] == 1
-    assert all(len(entry["errors"]) == 3 for entry in report.values())
+    assert all(len(entry["errors"]) == 2 for entry in report.values())
     assert sqnr_db(model(ids).logits, before) > 10
