@@ -9,6 +9,7 @@ from ...kernels._dispatch import choose_backend
 from ...kernels.w4ax_gemm import CpuW4AxWeight, prepack_cpu, w4ax_linear_cpu
 from ...kernels.w4ax_gemm.reference import (
     check_layout,
+    num_blocks,
     num_groups,
     pack_int4,
     quantize_weight,
@@ -73,7 +74,8 @@ class W4AxLinear(nn.Module):
 
     @property
     def outlier_blocks(self) -> int:
-        return -(-int(self.a8_channels) // 128)
+        """Activation blocks kept in 8 bits."""
+        return num_blocks(int(self.a8_channels))
 
     def weight_codes(self) -> torch.Tensor:
         """int8 ``[out, in]`` codes in ``[-7, 7]``, reordered channel order."""
