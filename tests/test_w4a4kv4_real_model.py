@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 EVAL_DOCS = 2
 CALIBRATION = dict(calibration="wiki", calibration_samples=4, calibration_seq_len=256)
-# Greedy tokens that must match between the 4-bit and the float KV cache, over 4 wiki prompts x 24 new tokens
-# (measured: see the closing comment of the test).
-KV4_AGREEMENT_FLOOR = 0.75
+# Share of positions whose greedy next token is the same through the 4-bit and the float KV cache, on 4 held-out
+# wiki documents x 256 tokens (measured 0.876).
+KV4_AGREEMENT_FLOOR = 0.83
 
 
 def _wiki_ppl(model, tokenizer) -> float:
@@ -45,21 +45,24 @@ def test_fmpq_beats_plain_w4a4_and_approaches_w4a16():
     assert ppl["plain"] - ppl["fmpq"] >= 0.5 * (ppl["plain"] - ppl["w4a16"]), ppl
 
 
-def test_kv4_greedy_generation_agrees_with_the_float_cache():
+def test_kv4_greedy_choices_agree_with_the_float_cache_on_real_text():
+    # Teacher-forced: at every position of real text, the greedy next token read through the 4-bit cache against
+    # the one read through the float cache (free-running greedy continuations diverge at the first near-tie and
+    # then differ legitimately).
     model, tokenizer = load_model("smollm2-135m")
-    prompts = [doc[:300] for doc in load_text("wiki", split="evaluation")[:4]]
     agree = total = 0
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        kwargs = dict(max_new_tokens=24, do_sample=False)
+    for doc in load_text("wiki", split="evaluation")[:4]:
+        ids = tokenizer(doc[:3000], return_tensors="pt").input_ids[:, :256]
         with torch.inference_mode():
-            exact = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)[0, ids.shape[1]:]
-            kv4 = model.generate(ids, cache=KV4Cache(model.config), **kwargs)[0, ids.shape[1]:]
-        # Count the tokens before the first disagreement: after it the two continuations diverge legitimately.
-        first_miss = next((i for i, (a, b) in enumerate(zip(exact.tolist(), kv4.tolist())) if a != b), len(exact))
-        agree += first_miss
-        total += len(exact)
+            exact = model(ids, cache=DynamicCache(config=model.config), use_cache=True).logits.argmax(-1)
+            kv4 = model(ids, cache=KV4Cache(model.config), use_cache=True).logits.argmax(-1)
+        agree += int((exact == kv4).sum())
+        total += exact.numel()
     assert agree / total >= KV4_AGREEMENT_FLOOR, agree / total
+    with torch.inference_mode():
+        out = model.generate(ids[:, :40], cache=KV4Cache(model.config), max_new_tokens=8, do_sample=False,
+                             return_dict_in_generate=True)
+    assert isinstance(out.cache, KV4Cache) and out.cache.get_seq_length() == 47
 
 
 def test_cli_quantizes_saves_and_the_checkpoint_reloads_identically(tmp_path):
