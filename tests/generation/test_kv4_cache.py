@@ -23,9 +23,10 @@ def test_round_trip_error_is_at_most_half_a_step(group_size):
     assert ((restored - states).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
 
 
-@pytest.mark.parametrize(("group_size", "fraction"), [(32, 20 / 64), (64, 36 / 128)])
-def test_bytes_per_value_are_half_a_byte_plus_the_group_scales(group_size, fraction):
-    cache = KV4Cache(tiny_model("llama")[0].config, group_size, key_scheme="token")
+@pytest.mark.parametrize(("groups", "fraction"), [((32, 32), 20 / 64), ((64, 64), 36 / 128),
+                                                 ((32, 64), (20 / 64 + 36 / 128) / 2)])
+def test_bytes_per_value_are_half_a_byte_plus_the_group_scales(groups, fraction):
+    cache = KV4Cache(tiny_model("llama")[0].config, *groups, key_scheme="token")
     states = torch.randn(1, 2, 4096, 64)
     cache.update(states, states, 0)
     assert cache.dense_nbytes() == 2 * states.numel() * 2
@@ -66,7 +67,7 @@ def test_crop_and_row_selection_keep_what_was_never_removed(key_scheme):
 
 def test_groups_must_divide_the_head_dimension():
     cache = KV4Cache(tiny_model("llama")[0].config, group_size=12)
-    with pytest.raises(ValueError, match="KV4 cache groups of 12 channels must be even and divide the head dimension"):
+    with pytest.raises(ValueError, match="groups of 12 channels must be even and divide the head dimension 16"):
         cache.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), 0)
 
 

@@ -20,6 +20,7 @@ from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error, sqnr_db
         (dict(outlier_blocks=-1), r"W4A4KV4Config\.outlier_blocks must be 'auto', 'all' or an int >= 0, got -1"),
         (dict(outlier_blocks="most"), r"outlier_blocks must be 'auto', 'all' or an int >= 0, got 'most'"),
         (dict(kv_group_size=7), r"W4A4KV4Config\.kv_group_size must be even"),
+        (dict(kv_value_group_size=0), r"W4A4KV4Config\.kv_value_group_size must be a positive int, got 0"),
         (dict(calibration="pile"), r"W4A4KV4Config\.calibration must be one of \['wiki', 'news', 'code'\]"),
         (dict(kvbits=4), r"W4A4KV4Config got unknown keys \['kvbits'\]"),
     ],
