@@ -11,7 +11,7 @@ Variants per model (group size 128, the same symmetric 4-bit weights in every W4
 - ``w4a8``: every activation block in 8 bits (``outlier_blocks="all"``);
 - ``w4a4-rtn``: plain W4A4 (``outlier_blocks=0``: no reordering, no 8-bit block);
 - ``w4a4-fmpq``: FMPQ (``outlier_blocks="auto"``, 8 x 512 tokens of the packaged wiki calibration text), and
-  ``w4a4-fmpq+kv4``: the same with attention reading a 4-bit KV cache (group 64).
+  ``w4a4-fmpq+kv4``: the same with attention reading a 4-bit KV cache (``KV4Cache`` defaults).
 
 Targets (issue): FMPQ recovers at least half of the perplexity gap between plain W4A4 and W4A16; KV4 adds < 2%
 perplexity. Writes ``benchmarks/results/w4a4kv4_quality-<date>-<machine>.json`` after every variant.
