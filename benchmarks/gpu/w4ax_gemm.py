@@ -27,6 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from hf_plugins.kernels.w4ax_gemm.reference import (  # noqa: E402
     BLOCK,
+    dequantize_activations,
+    dequantize_weight,
     pack_int4,
     quantize_activations,
     quantize_weight,
@@ -48,8 +50,7 @@ def dequantized_product(x: torch.Tensor, perm: torch.Tensor, a8: int, w_hat: tor
     """The reference's value in float64 on ``x``'s device: quantized activations (the reference quantizer) times
     the dequantized weight ``w_hat [N, K]``; an int64 product would take hours at these shapes."""
     codes, scales = quantize_activations(x.float()[:, perm], a8)
-    x_hat = codes.double() * scales.double().repeat_interleave(BLOCK, dim=1)[:, : x.shape[1]]
-    return x_hat @ w_hat.t()
+    return dequantize_activations(codes, scales.double()) @ w_hat.t()
 
 
 def bench_shape(K: int, N: int, batches, device: str, dry_run: bool) -> list[dict]:
@@ -63,7 +64,7 @@ def bench_shape(K: int, N: int, batches, device: str, dry_run: bool) -> list[dic
     half = {dtype: rotating(lambda d=dtype: weight.to(device=device, dtype=d), N * K * 2, dry_run)
             for dtype in (torch.float16, torch.bfloat16)}
     perm_device = perm.to(device)
-    w_hat = (codes.double() * scales.double().repeat_interleave(GROUP, dim=1)[:, :K]).to(device)
+    w_hat = dequantize_weight(codes, scales.double(), GROUP).to(device)
     rows = []
     for M in batches:
         x = torch.randn(M, K, generator=generator).half().to(device)

@@ -22,20 +22,14 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..kernels.w4ax_gemm.reference import pack_int4, unpack_int4
+
 CODE_MAX = 15
 PAIR_MAX = 7
 KEY_SCHEMES = ("token", "pair")
 OUTLIER_PAIR_RATIO = 8.0
 """A layer's keys are quantized ``pair``-wise when some head has a RoPE pair this many times larger than its
 median pair at prefill (Qwen2.5-0.5B: up to 40 in 6 of 24 layers; SmolLM2-135M: at most 5)."""
-
-
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,13 +42,15 @@ def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     minimum = low.half()
     scale = ((high - minimum.float()) / CODE_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
     codes = torch.round((grouped - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, CODE_MAX)
-    return _pack(codes.to(torch.uint8).reshape(*lead, head_dim)), scale, minimum
+    # Stored as W4Ax's offset-binary nibbles: unsigned code u is the signed code u - 8.
+    return pack_int4(codes.reshape(*lead, head_dim) - 8), scale, minimum
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_kv` up to rounding: ``[batch, heads, tokens, head_dim]`` in ``dtype``."""
-    values = _unpack(codes).reshape(*codes.shape[:-1], scale.shape[-1], -1).float()
-    values = values * scale.float()[..., None] + minimum.float()[..., None]
+    unsigned = unpack_int4(codes, 2 * codes.shape[-1]).float() + 8
+    values = unsigned.reshape(*codes.shape[:-1], scale.shape[-1], -1) * scale.float()[..., None]
+    values = values + minimum.float()[..., None]
     return values.flatten(-2).to(dtype)
 
 
@@ -69,13 +65,12 @@ def pair_scales(keys: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_pairwise(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Keys -> packed offset-binary codes of ``clamp(round(k / scale), -7, 7)``."""
-    codes = torch.round(keys.float() / scale.float()).clamp(-PAIR_MAX, PAIR_MAX) + 8
-    return _pack(codes.to(torch.uint8))
+    """Keys -> packed nibbles of ``clamp(round(k / scale), -7, 7)``."""
+    return pack_int4(torch.round(keys.float() / scale.float()).clamp(-PAIR_MAX, PAIR_MAX))
 
 
 def dequantize_pairwise(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return ((_unpack(codes).float() - 8) * scale.float()).to(dtype)
+    return (unpack_int4(codes, 2 * codes.shape[-1]).float() * scale.float()).to(dtype)
 
 
 def outlier_pair_ratio(scale: torch.Tensor) -> float:

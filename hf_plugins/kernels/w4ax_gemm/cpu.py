@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import BLOCK, quantize_activations, step_size, unpack_int4
+from .reference import (
+    BLOCK,
+    dequantize_activations,
+    dequantize_weight,
+    quantize_activations,
+    step_size,
+    unpack_int4,
+)
 
 CPU_ROUTES = ("int8", "fp32")
 
@@ -55,17 +62,15 @@ def prepack_cpu(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, g
     if route == "int8":
         return CpuW4AxWeight(route, codes.t().contiguous(), scales.float().t().contiguous(), group_size,
                              in_features, out_features)
-    group = in_features if group_size == -1 else group_size
-    dequantized = codes.float() * scales.float().repeat_interleave(group, dim=1)[:, :in_features]
-    return CpuW4AxWeight(route, dequantized.contiguous(), None, group_size, in_features, out_features)
+    dequantized = dequantize_weight(codes, scales.float(), group_size).contiguous()
+    return CpuW4AxWeight(route, dequantized, None, group_size, in_features, out_features)
 
 
 def w4ax_matmul_cpu(x_codes: torch.Tensor, x_scales: torch.Tensor, weight: CpuW4AxWeight) -> torch.Tensor:
     """``sum_steps x_scales[:, block] * w_scales[group] * (x_codes_step @ w_codes_step)`` -> float32 ``[M, N]``."""
     in_features = weight.in_features
     if weight.route == "fp32":
-        x_hat = x_codes.float() * x_scales.repeat_interleave(BLOCK, dim=1)[:, :in_features]
-        return x_hat @ weight.weight.t()
+        return dequantize_activations(x_codes, x_scales) @ weight.weight.t()
     step = step_size(weight.group_size)
     group = in_features if weight.group_size == -1 else weight.group_size
     out = torch.zeros(x_codes.shape[0], weight.out_features)

@@ -85,6 +85,18 @@ def quantize_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return codes.view(out_features, -1)[:, :in_features].to(torch.int8), scales
 
 
+def dequantize_activations(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes ``[M, K]`` times their block scales ``[M, blocks]`` -> ``[M, K]`` in the scales' float dtype."""
+    return codes.to(scales.dtype) * scales.repeat_interleave(BLOCK, dim=1)[:, : codes.shape[1]]
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Codes ``[N, K]`` times their group scales ``[N, groups]`` -> ``[N, K]`` in the scales' float dtype."""
+    in_features = codes.shape[1]
+    group = in_features if group_size == -1 else group_size
+    return codes.to(scales.dtype) * scales.repeat_interleave(group, dim=1)[:, :in_features]
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Signed 4-bit ``codes [..., K]`` (in ``[-8, 7]``) -> ``uint8 [..., ceil(K/2)]``, offset binary ``code + 8``,
     channel ``2j`` in the low nibble of byte ``j`` and ``2j + 1`` in the high one (an odd tail pads with code 0)."""

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...kernels.w4ax_gemm.reference import BLOCK, num_blocks, quantize_activations, quantize_weight
+from ...kernels.w4ax_gemm.reference import (
+    BLOCK,
+    dequantize_activations,
+    dequantize_weight,
+    num_blocks,
+    quantize_activations,
+    quantize_weight,
+)
 
 SAMPLE_TOKENS = 256  # evenly spaced calibration tokens per linear on which "auto" measures output error
 AUTO_MAX_FRACTION = 0.25  # "auto" keeps at most a quarter of a layer's blocks in 8 bits (COMET's 3:1 mix)
@@ -82,8 +89,7 @@ def collect_input_stats(model: nn.Module, ids: torch.Tensor, names: list[str]) -
 def _activation_error(sample: torch.Tensor, w_hat: torch.Tensor, a8_channels: int) -> float:
     """``||Q(x) W^T - x W^T||^2 / ||x W^T||^2`` for reordered ``sample [S, K]`` and the layer's dequantized
     reordered weight ``w_hat [N, K]``: the output error the activation rounding adds."""
-    codes, scales = quantize_activations(sample, a8_channels)
-    x_hat = codes.float() * scales.repeat_interleave(BLOCK, dim=1)[:, : sample.shape[1]]
+    x_hat = dequantize_activations(*quantize_activations(sample, a8_channels))
     exact = sample @ w_hat.t()
     return float((x_hat @ w_hat.t() - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30))
 
@@ -107,9 +113,7 @@ def plan_layer(weight: torch.Tensor, stats: InputStats | None, outlier_blocks: i
     if outlier_blocks != "auto":
         return LayerPlan(perm, min(outlier_blocks * BLOCK, in_features))
     cap = max(1, round(num_blocks(in_features) * AUTO_MAX_FRACTION))
-    codes, scales = quantize_weight(weight.detach()[:, perm], group_size)
-    group = in_features if group_size == -1 else group_size
-    w_hat = codes.float() * scales.repeat_interleave(group, dim=1)[:, :in_features]
+    w_hat = dequantize_weight(*quantize_weight(weight.detach()[:, perm], group_size), group_size)
     sample = stats.sample[:, perm].float()
     errors = [_activation_error(sample, w_hat, min(n * BLOCK, in_features)) for n in range(cap + 1)]
     chosen = next(n for n, error in enumerate(errors) if error <= AUTO_SLACK * errors[-1])

@@ -9,6 +9,7 @@ from ...kernels._dispatch import choose_backend
 from ...kernels.w4ax_gemm import CpuW4AxWeight, prepack_cpu, w4ax_linear_cpu
 from ...kernels.w4ax_gemm.reference import (
     check_layout,
+    dequantize_weight,
     num_blocks,
     num_groups,
     pack_int4,
@@ -49,6 +50,7 @@ class W4AxLinear(nn.Module):
             self.bias = None
         self._cpu_weight: CpuW4AxWeight | None = None
         self._triton_form: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._a8: int | None = None  # a8_channels as a Python int: reading the buffer on CUDA would sync per call
 
     @classmethod
     def empty_for(cls, linear: nn.Linear, config, dtype: torch.dtype) -> W4AxLinear:
@@ -83,25 +85,30 @@ class W4AxLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float32 weight ``[out, in]`` in the original channel order."""
-        group = self.in_features if self.group_size == -1 else self.group_size
-        reordered = self.weight_codes().float() * self.scales.repeat_interleave(group, dim=1)[:, : self.in_features]
+        reordered = dequantize_weight(self.weight_codes(), self.scales, self.group_size)
         weight = torch.empty_like(reordered)
         weight[:, self.perm] = reordered
         return weight
 
+    def _release_caches(self) -> None:
+        """Drop every form derived from the buffers (they moved or were reloaded)."""
+        self._cpu_weight, self._triton_form, self._a8 = None, None, None
+
     def _apply(self, fn, recurse=True):
-        self._cpu_weight, self._triton_form = None, None
+        self._release_caches()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cpu_weight, self._triton_form = None, None
+        self._release_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]`` through the kernel of ``x``'s device (each backend's weight form is built
         once and kept until the module moves or loads new weights)."""
         backend = choose_backend("w4ax_gemm", x.device)
-        a8 = int(self.a8_channels)
+        if self._a8 is None:
+            self._a8 = int(self.a8_channels)
+        a8 = self._a8
         if backend == "cpu":
             if self._cpu_weight is None:
                 self._cpu_weight = prepack_cpu(self.qweight, self.scales, self.in_features, self.group_size)
