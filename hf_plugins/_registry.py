@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig
+from transformers.masking_utils import sdpa_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -11,7 +12,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
-from .attention import RING_ATTENTION, ring_attention_forward, ring_attention_mask
+from .attention import KV4_ATTENTION, RING_ATTENTION, kv4_attention_forward, ring_attention_forward, ring_attention_mask
 from .generation import enable_speculative, use_kv4_cache_if_configured
 from .parallel.local_styles import local_styles
 from .quantizers import (
@@ -38,7 +39,7 @@ QUANTIZATION_METHODS = {
 def register_all() -> None:
     """Register quantization configs, quantizers, the checkpoint model type, speculative decoding (and the KV4
     cache where configured) for every model our quantizers produce, the tensor-parallel styles of self-sharding
-    linears and ring attention (safe to call repeatedly)."""
+    linears, ring attention and the KV4 attention (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -53,6 +54,8 @@ def register_all() -> None:
     # The mask function must be registered under the same name, or transformers silently passes no mask.
     AttentionInterface.register(RING_ATTENTION, ring_attention_forward)
     AttentionMaskInterface.register(RING_ATTENTION, ring_attention_mask)
+    AttentionInterface.register(KV4_ATTENTION, kv4_attention_forward)
+    AttentionMaskInterface.register(KV4_ATTENTION, sdpa_mask)
 
 
 def _register_tp_styles() -> None:

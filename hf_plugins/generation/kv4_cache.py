@@ -22,7 +22,9 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..kernels.w4ax_gemm.reference import pack_int4, unpack_int4
+from ..attention.kv4 import KV4_ATTENTION
+from ..kernels.kv4_attention import PackedKV, dequantize_packed
+from ..kernels.w4ax_gemm.reference import pack_int4
 
 CODE_MAX = 15
 PAIR_MAX = 7
@@ -34,7 +36,8 @@ median pair at prefill (Qwen2.5-0.5B: up to 40 in 6 of 24 layers; SmolLM2-135M: 
 
 def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[batch, heads, tokens, head_dim]`` -> ``(uint8 codes [.., head_dim / 2], fp16 scales and minima
-    [.., head_dim / group_size])``: asymmetric round-to-nearest per group; ``x ~ code * scale + minimum``."""
+    [.., head_dim / group_size])``: asymmetric round-to-nearest per group; ``x ~ code * scale + minimum``
+    (:class:`~hf_plugins.kernels.kv4_attention.PackedKV`'s asymmetric layout)."""
     *lead, head_dim = states.shape
     grouped = states.float().reshape(*lead, head_dim // group_size, group_size)
     low, high = grouped.amin(-1), grouped.amax(-1)
@@ -44,14 +47,6 @@ def quantize_kv(states: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     codes = torch.round((grouped - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, CODE_MAX)
     # Stored as W4Ax's offset-binary nibbles: unsigned code u is the signed code u - 8.
     return pack_int4(codes.reshape(*lead, head_dim) - 8), scale, minimum
-
-
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`quantize_kv` up to rounding: ``[batch, heads, tokens, head_dim]`` in ``dtype``."""
-    unsigned = unpack_int4(codes, 2 * codes.shape[-1]).float() + 8
-    values = unsigned.reshape(*codes.shape[:-1], scale.shape[-1], -1) * scale.float()[..., None]
-    values = values + minimum.float()[..., None]
-    return values.flatten(-2).to(dtype)
 
 
 def pair_scales(keys: torch.Tensor) -> torch.Tensor:
@@ -69,10 +64,6 @@ def quantize_pairwise(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return pack_int4(torch.round(keys.float() / scale.float()).clamp(-PAIR_MAX, PAIR_MAX))
 
 
-def dequantize_pairwise(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (unpack_int4(codes, 2 * codes.shape[-1]).float() * scale.float()).to(dtype)
-
-
 def outlier_pair_ratio(scale: torch.Tensor) -> float:
     """The largest ratio, over rows and heads, of a head's largest RoPE-pair scale to its median one."""
     half = scale[..., : scale.shape[-1] // 2].float()
@@ -80,19 +71,23 @@ def outlier_pair_ratio(scale: torch.Tensor) -> float:
 
 
 class KV4Layer(DynamicLayer):
-    """One attention layer's 4-bit cache. ``update`` appends the new tokens' codes and returns the whole
-    dequantized K and V ``[batch, kv_heads, tokens, head_dim]`` in the model's dtype.
+    """One attention layer's 4-bit cache. ``update`` appends the new tokens' codes and returns the whole K and V
+    ``[batch, kv_heads, tokens, head_dim]``: dequantized in the model's dtype, or, with ``packed_outputs``, as
+    :class:`~hf_plugins.kernels.kv4_attention.PackedKV` for an attention function that reads them directly
+    (:data:`hf_plugins.attention.KV4_ATTENTION`).
 
     Args:
         group_size: head-dimension channels per scale and minimum of per-token keys (clipped to the head
             dimension, which it must divide).
         value_group_size: the same for values.
         key_scheme: ``"token"``, ``"pair"`` or None (chosen at the first update, module docstring).
+        packed_outputs: return ``PackedKV`` from ``update`` instead of dense tensors.
     """
 
     is_croppable = True
 
-    def __init__(self, group_size: int = 32, value_group_size: int = 64, key_scheme: str | None = None) -> None:
+    def __init__(self, group_size: int = 32, value_group_size: int = 64, key_scheme: str | None = None,
+                 packed_outputs: bool = False) -> None:
         super().__init__()
         if key_scheme not in (None, *KEY_SCHEMES):
             raise ValueError(f"key_scheme must be None (chosen at prefill) or one of {KEY_SCHEMES}, got "
@@ -100,6 +95,7 @@ class KV4Layer(DynamicLayer):
         self.group_size = group_size
         self.value_group_size = value_group_size
         self.key_scheme = key_scheme
+        self.packed_outputs = packed_outputs
         self.parts: dict[str, torch.Tensor] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,6 +124,8 @@ class KV4Layer(DynamicLayer):
         else:
             self._append_groups("k", key_states, self.group_size)
         self._append_groups("v", value_states, self.value_group_size)
+        if self.packed_outputs:
+            return self.packed("k"), self.packed("v")
         return self.dequantized("k"), self.dequantized("v")
 
     def _append(self, key: str, part: torch.Tensor) -> None:
@@ -137,12 +135,17 @@ class KV4Layer(DynamicLayer):
         for suffix, part in zip(("codes", "scale", "min"), quantize_kv(states, group_size)):
             self._append(f"{name}_{suffix}", part)
 
+    def packed(self, name: str) -> PackedKV:
+        """The cached ``"k"`` or ``"v"`` as codes and scales, without copying."""
+        if name == "k" and self.key_scheme == "pair":
+            return PackedKV(self.parts["k_codes"], self.parts["k_pair_scale"], None, 1, self.dtype)
+        group_size = self.group_size if name == "k" else self.value_group_size
+        return PackedKV(self.parts[f"{name}_codes"], self.parts[f"{name}_scale"], self.parts[f"{name}_min"],
+                        group_size, self.dtype)
+
     def dequantized(self, name: str) -> torch.Tensor:
         """The cached ``"k"`` or ``"v"`` as floats ``[batch, kv_heads, tokens, head_dim]``."""
-        if name == "k" and self.key_scheme == "pair":
-            return dequantize_pairwise(self.parts["k_codes"], self.parts["k_pair_scale"], self.dtype)
-        return dequantize_kv(self.parts[f"{name}_codes"], self.parts[f"{name}_scale"], self.parts[f"{name}_min"],
-                             self.dtype)
+        return dequantize_packed(self.packed(name))
 
     def get_seq_length(self) -> int:
         return self.parts["k_codes"].shape[-2] if "k_codes" in self.parts else 0
@@ -195,16 +198,19 @@ class KV4Cache(Cache):
         group_size: head-dimension channels per scale and minimum of per-token keys. Default: 32.
         value_group_size: the same for values. Default: 64 (with 32 for keys: 29.7% of an fp16 cache's bytes).
         key_scheme: ``"token"``, ``"pair"`` or None: each layer picks at prefill (module docstring).
+        packed_outputs: layers hand ``PackedKV`` to the attention instead of dense tensors; only for a model whose
+            attention implementation is :data:`hf_plugins.attention.KV4_ATTENTION` (a ``W4A4KV4Config(kv_bits=4)``
+            model gets it, and ``generate`` then turns this on).
     """
 
     def __init__(self, config: PreTrainedConfig, group_size: int = 32, value_group_size: int = 64,
-                 key_scheme: str | None = None) -> None:
+                 key_scheme: str | None = None, packed_outputs: bool = False) -> None:
         config = config.get_text_config(decoder=True)
         sliding = [kind for kind in (getattr(config, "layer_types", None) or ()) if kind != "full_attention"]
         if sliding:
             raise ValueError(f"KV4Cache covers full-attention layers; this model also has {sorted(set(sliding))} "
                              "layers. Use kv_bits=16 for it.")
-        super().__init__(layers=[KV4Layer(group_size, value_group_size, key_scheme)
+        super().__init__(layers=[KV4Layer(group_size, value_group_size, key_scheme, packed_outputs)
                                  for _ in range(config.num_hidden_layers)])
 
     def nbytes(self) -> int:
@@ -218,17 +224,22 @@ class KV4Cache(Cache):
 
 def use_kv4_cache_if_configured(model) -> None:
     """Make plain ``generate`` calls of ``model`` use a :class:`KV4Cache` when its quantization config asks for 4-bit
-    KV (``kv_bits=4``); a cache passed by the caller or a ``cache_implementation`` still wins."""
+    KV (``kv_bits=4``); a cache passed by the caller or a ``cache_implementation`` still wins. A model on the
+    default (SDPA) attention switches to :data:`~hf_plugins.attention.KV4_ATTENTION`, and its caches hand the
+    packed codes to it; another attention the user chose is kept, with dense caches."""
     config = getattr(model.config, "quantization_config", None)
     if getattr(config, "kv_bits", 16) != 4 or "_prepare_cache_for_generation" in model.__dict__:
         return
+    if model.config._attn_implementation in (None, "sdpa"):
+        model.set_attn_implementation(KV4_ATTENTION)
     original = model._prepare_cache_for_generation
     groups = (config.kv_group_size, config.kv_value_group_size)
 
     def prepare_cache(generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
-            model_kwargs["cache"] = KV4Cache(model.config, *groups)
+            packed = model.config._attn_implementation == KV4_ATTENTION
+            model_kwargs["cache"] = KV4Cache(model.config, *groups, packed_outputs=packed)
         return original(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = prepare_cache

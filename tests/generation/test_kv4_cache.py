@@ -7,8 +7,11 @@ from transformers import DynamicCache
 
 import hf_plugins
 from hf_plugins import KV4Cache, SpeculativeConfig, W4A4KV4Config
-from hf_plugins.generation.kv4_cache import dequantize_kv, quantize_kv
+from hf_plugins.attention import KV4_ATTENTION
+from hf_plugins.generation.kv4_cache import quantize_kv
+from hf_plugins.kernels.kv4_attention import PackedKV, dequantize_packed
 from tests.quantizers.tiny_models import VOCAB_SIZE, random_token_ids, tiny_model
+from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
 
 @pytest.mark.parametrize("group_size", [16, 64])
@@ -17,7 +20,7 @@ def test_round_trip_error_is_at_most_half_a_step(group_size):
     codes, scale, minimum = quantize_kv(states, group_size)
     assert codes.shape == (2, 3, 7, 32) and codes.dtype == torch.uint8
     assert scale.shape == (2, 3, 7, 64 // group_size) and scale.dtype == torch.float16
-    restored = dequantize_kv(codes, scale, minimum, torch.float32)
+    restored = dequantize_packed(PackedKV(codes, scale, minimum, group_size, torch.float32))
     step = scale.float().repeat_interleave(group_size, dim=-1)
     # Half a step of rounding, plus the fp16 rounding of the minimum the codes were computed against.
     assert ((restored - states).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
@@ -105,16 +108,59 @@ def test_speculative_decoding_on_a_kv4_target_equals_plain_kv4_greedy():
 
 def test_kv_bits_4_makes_generate_use_the_kv4_cache(tmp_path):
     model, _ = tiny_model("qwen2")
+    model.set_attn_implementation("sdpa")  # transformers' default; the tiny models use eager
     hf_plugins.quantize(model, W4A4KV4Config(outlier_blocks=0, kv_group_size=16))
     out = model.generate(random_token_ids(1, 6), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.cache, KV4Cache) and out.cache.get_seq_length() == 8
+    assert model.config._attn_implementation == KV4_ATTENTION and out.cache.layers[0].packed_outputs
     from transformers import AutoModelForCausalLM
 
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     again = reloaded.generate(random_token_ids(1, 6), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert isinstance(again.cache, KV4Cache) and torch.equal(again.sequences, out.sequences)
+    # The user's choice of attention is kept; the cache then hands it dense tensors.
+    assert reloaded.config._attn_implementation == "eager" and not again.cache.layers[0].packed_outputs
     plain, _ = tiny_model("qwen2")
     hf_plugins.quantize(plain, W4A4KV4Config(outlier_blocks=0, kv_bits=16))
     assert isinstance(plain.generate(random_token_ids(1, 6), max_new_tokens=2, return_dict_in_generate=True).cache,
                       DynamicCache)
+
+
+def _steps_logits(model, ids, mask, cache):
+    """Logits of a prefill, a 3-token verification step and a 1-token decode step through ``cache``."""
+    logits = []
+    for start, stop in ((0, 9), (9, 12), (12, 13)):
+        out = model(ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_packed_kv4_attention_equals_the_dense_kv4_cache(arch, backend, monkeypatch):
+    """The attention function reading packed codes (the Triton kernel under the interpreter, or the float64
+    reference) gives the logits of SDPA over the dequantized cache: left padding, grouped-query heads, both key
+    schemes, a multi-token verification step."""
+    model, _ = tiny_model(arch)
+    ids = random_token_ids(2, 13, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for scheme in ("token", "pair"):
+        dense = _steps_logits(model, ids, mask, KV4Cache(model.config, 16, key_scheme=scheme))
+        model.set_attn_implementation(KV4_ATTENTION)
+        monkeypatch.setenv("HF_PLUGINS_BACKEND", backend)
+        packed = _steps_logits(model, ids, mask, KV4Cache(model.config, 16, key_scheme=scheme, packed_outputs=True))
+        monkeypatch.delenv("HF_PLUGINS_BACKEND")
+        model.set_attn_implementation("sdpa")
+        real = mask.bool()[:, :, None].expand_as(dense)
+        assert max_rel_error(packed[real], dense[real]) < FLOAT_KERNEL_RTOL[torch.float32]
+
+
+def test_kv4_attention_leaves_dense_keys_to_sdpa():
+    model, _ = tiny_model("llama")
+    ids = random_token_ids(2, 7, seed=2)
+    model.set_attn_implementation("sdpa")
+    expected = model(ids).logits
+    model.set_attn_implementation(KV4_ATTENTION)
+    assert torch.equal(model(ids).logits, expected)
