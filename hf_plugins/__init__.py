@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 
 from ._registry import register_all
+from .attention.gla import GatedLinearAttention
+from .attention.gla_cache import GLACache
 from .generation import (
     KV4Cache,
     SpeculativeConfig,
@@ -15,6 +17,7 @@ from .generation import (
     enable_speculative,
     self_draft,
 )
+from .models import GLAConfig, GLAForCausalLM, GLAModel
 from .quantizers import (
     AwqConfig,
     AwqLinear,
@@ -31,6 +34,11 @@ __all__ = [
     "AwqLinear",
     "BipolarIntConfig",
     "BipolarIntLinear",
+    "GLACache",
+    "GLAConfig",
+    "GLAForCausalLM",
+    "GLAModel",
+    "GatedLinearAttention",
     "KV4Cache",
     "SpeculativeConfig",
     "W4A4KV4Config",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig
+from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.masking_utils import sdpa_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers.auto import (
@@ -14,6 +14,8 @@ from transformers.quantizers.auto import (
 
 from .attention import KV4_ATTENTION, RING_ATTENTION, kv4_attention_forward, ring_attention_forward, ring_attention_mask
 from .generation import enable_speculative, use_kv4_cache_if_configured
+from .models.gla import MODEL_TYPE as GLA_MODEL_TYPE
+from .models.gla import GLAConfig, GLAForCausalLM, GLAModel
 from .parallel.local_styles import local_styles
 from .quantizers import (
     AwqConfig,
@@ -37,8 +39,8 @@ QUANTIZATION_METHODS = {
 
 
 def register_all() -> None:
-    """Register quantization configs, quantizers, the checkpoint model type, speculative decoding (and the KV4
-    cache where configured) for every model our quantizers produce, the tensor-parallel styles of self-sharding
+    """Register quantization configs, quantizers, the checkpoint model type, the GLA model family, speculative
+    decoding (and the KV4 cache where configured) for every model our quantizers produce, the tensor-parallel styles of self-sharding
     linears, ring attention and the KV4 attention (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
@@ -47,6 +49,10 @@ def register_all() -> None:
             register_quantizer(method)(quantizer_cls)
     if CHECKPOINT_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)
+    if GLA_MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(GLA_MODEL_TYPE, GLAConfig)
+        AutoModel.register(GLAConfig, GLAModel)
+        AutoModelForCausalLM.register(GLAConfig, GLAForCausalLM)
     for callback in (enable_speculative, use_kv4_cache_if_configured):
         if callback not in ON_QUANTIZED_MODEL:
             ON_QUANTIZED_MODEL.append(callback)

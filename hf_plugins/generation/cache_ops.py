@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+
+
+def new_cache(model) -> Cache:
+    """An empty cache for ``model``: its own kind when it makes one (``model.new_cache()``: recurrent-state models
+    such as GLA), else a ``DynamicCache``."""
+    make = getattr(model, "new_cache", None)
+    return make() if callable(make) else DynamicCache(config=model.config)
 
 
 def crop_to(cache: Cache, length: int) -> None:
@@ -25,6 +32,20 @@ def check_croppable(cache: Cache, who: str) -> None:
         raise ValueError(
             f"Speculative decoding rolls the {who} cache back after each verification, but its layers "
             f"{sorted(set(stuck))} cannot be cropped. Use a croppable cache (DynamicCache, the default) for the {who}."
+        )
+
+
+def check_maskable(cache: Cache, who: str, batch: int) -> None:
+    """ValueError when a batch's rejected drafts cannot be masked out of ``cache``: batched verification leaves them
+    as masked slots, which a layer whose past is a recurrent state (``masks_past_slots = False``) has already
+    absorbed."""
+    stuck = [type(layer).__name__ for layer in getattr(cache, "layers", []) if not getattr(layer, "masks_past_slots",
+                                                                                            True)]
+    if batch > 1 and stuck:
+        raise ValueError(
+            f"Batched speculative decoding masks each row's rejected drafts out of the {who} cache, but its layers "
+            f"{sorted(set(stuck))} keep a recurrent state that has already absorbed them. Generate one row at a time "
+            f"(batch 1 rolls rejected drafts back exactly), got batch {batch}."
         )
 
 

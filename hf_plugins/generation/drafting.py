@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .cache_ops import crop_to, mask_or_none, positions_from_mask
+from .cache_ops import crop_to, mask_or_none, new_cache, positions_from_mask
 from .layer_parallel import layer_parallel_draft
 
 TokenChooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -46,7 +46,7 @@ class DraftModelCandidates(CandidateGenerator):
         self.draft_context = draft_context
         self._offset: int | None = None  # first slot the draft sees, fixed at the first call
         self.vocab_size = vocab_size
-        self.cache = DynamicCache(config=draft_model.config)
+        self.cache = new_cache(draft_model)
         grouped = layer_parallel_group_size > 1
         self.fuzzy = layer_parallel_draft(draft_model, layer_parallel_group_size) if grouped else None
         self.num_tokens = 4

@@ -17,7 +17,14 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..kernels.dense_linear import fast_linears
 from .acceptance import greedy_accept, rejection_sample
-from .cache_ops import can_select_rows, check_croppable, crop_to, mask_or_none, positions_from_mask
+from .cache_ops import (
+    can_select_rows,
+    check_croppable,
+    check_maskable,
+    crop_to,
+    mask_or_none,
+    positions_from_mask,
+)
 from .config import SpeculativeConfig
 from .draft_length import DraftLengthPolicy
 from .drafting import DraftModelCandidates
@@ -82,6 +89,8 @@ def _speculative_loop(model, input_ids, logits_processor, stopping_criteria, gen
     drafter = DraftModelCandidates(speculative_draft, model.config.get_text_config().vocab_size,
                                    config.layer_parallel_group_size, config.draft_context)
     drafter.chooser = _draft_chooser(prefix_free(logits_processor), do_sample)
+    check_maskable(cache, "target", batch)
+    check_maskable(drafter.cache, "draft", batch)
 
     if speculative_streamer is not None:
         speculative_streamer.put(input_ids.cpu())

@@ -48,7 +48,21 @@ def _saving_class(base_cls: type) -> type:
         out["model_type"] = CHECKPOINT_MODEL_TYPE
         return out
 
-    return type(base_cls.__name__, (base_cls,), {"to_dict": to_dict, "__module__": base_cls.__module__})
+    saving = type(base_cls.__name__, (base_cls,), {"to_dict": to_dict, "__module__": base_cls.__module__})
+    _map_like(saving, base_cls)
+    return saving
+
+
+def _map_like(saving: type, base_cls: type) -> None:
+    """Auto model classes find transformers' own configs by class name, but registered ones (ours, remote code)
+    by the class itself: map the saving subclass wherever its base is mapped."""
+    from transformers.models.auto import modeling_auto
+
+    if base_cls.__module__.startswith("transformers."):
+        return
+    for mapping in vars(modeling_auto).values():
+        if isinstance(mapping, modeling_auto._LazyAutoMapping) and base_cls in mapping:
+            mapping.register(saving, mapping[base_cls], exist_ok=True)
 
 
 def mark_config(config: PreTrainedConfig) -> None:

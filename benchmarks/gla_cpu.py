@@ -1,0 +1,148 @@
+"""GLA on CPU: the chunkwise path vs the naive recurrence vs causal softmax attention (SDPA), after a check.
+
+    python benchmarks/gla_cpu.py [--threads 1] [--lengths 512 1024 2048 4096 8192] [--batch 1] [--heads 4]
+                                 [--key-dim 64] [--value-dim 64] [--naive-max-len 2048] [--no-save | --out PATH]
+
+For each length T, fp32 inputs ``[batch, T, heads, dim]`` with gates ``logsigmoid(x) / 16`` (the paper's
+normaliser). First :func:`hf_plugins.kernels.gla.cpu.chunk_gla_cpu` is checked against the float64 recurrence:
+the forward over all T tokens and the gradients over the first ``--check-len`` tokens (the chunk code is the
+same at every length); no timing is reported for a length whose check failed. Then the median time of the
+forward (no grad) and of forward + backward for: the chunk path, the naive recurrence in fp32 (up to
+``--naive-max-len``: it is one Python step per token) and ``F.scaled_dot_product_attention(is_causal=True)``.
+Ratios are baseline time / chunk time (> 1: the chunk path is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
+from hf_plugins.kernels.gla.cpu import chunk_gla_cpu  # noqa: E402
+from hf_plugins.kernels.gla.reference import gla_recurrence_reference  # noqa: E402
+from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
+
+
+def make_inputs(batch: int, seq: int, heads: int, key_dim: int, value_dim: int) -> dict[str, torch.Tensor]:
+    """fp32 ``q, k, gk [batch, seq, heads, key_dim]``, ``v`` and the upstream gradient ``do``
+    ``[batch, seq, heads, value_dim]``."""
+    gen = torch.Generator().manual_seed(seq)
+    qk, vv = (batch, seq, heads, key_dim), (batch, seq, heads, value_dim)
+    return {"q": torch.randn(qk, generator=gen), "k": torch.randn(qk, generator=gen),
+            "v": torch.randn(vv, generator=gen), "gk": F.logsigmoid(torch.randn(qk, generator=gen)) / 16,
+            "do": torch.randn(vv, generator=gen)}
+
+
+def gla_fn(fn, inputs: dict[str, torch.Tensor]):
+    """``fn`` as a GLA of the inputs (default scale, no state) -> ``o``."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["gk"], inputs["q"].shape[-1] ** -0.5)[0]
+
+
+def sdpa_fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Causal softmax attention on the same q, k, v (heads first, as SDPA takes them)."""
+    q, k, v = (inputs[name].transpose(1, 2) for name in ("q", "k", "v"))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def gradients(forward, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """``d sum(forward(inputs) * do) / d (q, k, v, gk)``."""
+    leaves = {name: inputs[name].detach().requires_grad_() for name in ("q", "k", "v", "gk")}
+    (forward({**inputs, **leaves}) * inputs["do"]).sum().backward()
+    return [leaves[name].grad for name in ("q", "k", "v", "gk")]
+
+
+def check(inputs: dict[str, torch.Tensor], check_len: int) -> float:
+    """Max relative error of the chunk path against the float64 recurrence: forward on all tokens, gradients on
+    the first ``check_len``."""
+    as64 = {name: value.double() for name, value in inputs.items()}
+    errors = [max_rel_error(gla_fn(chunk_gla_cpu, inputs), gla_fn(gla_recurrence_reference, as64))]
+    head = {name: value[:, :check_len] for name, value in inputs.items()}
+    head64 = {name: value[:, :check_len] for name, value in as64.items()}
+    for got, expected in zip(gradients(lambda x: gla_fn(chunk_gla_cpu, x), head),
+                             gradients(lambda x: gla_fn(gla_recurrence_reference, x), head64)):
+        errors.append(max_rel_error(got, expected))
+    return max(errors)
+
+
+def timed(forward, inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Forward (no grad) and forward + backward timings of ``forward(inputs) -> o``."""
+    def forward_only():
+        with torch.no_grad():
+            forward(inputs)
+
+    def forward_backward():
+        gradients(forward, inputs)
+
+    return {"fwd": time_fn(forward_only).as_dict(), "fwd_bwd": time_fn(forward_backward).as_dict()}
+
+
+def run(seq: int, args: argparse.Namespace) -> dict:
+    inputs = make_inputs(args.batch, seq, args.heads, args.key_dim, args.value_dim)
+    error = check(inputs, min(seq, args.check_len))
+    row = {"T": seq, "rel_error": error, "checked": error <= FLOAT_KERNEL_RTOL[torch.float32]}
+    if not row["checked"]:
+        return row
+    row["chunk"] = timed(lambda x: gla_fn(chunk_gla_cpu, x), inputs)
+    row["sdpa"] = timed(sdpa_fn, inputs)
+    if seq <= args.naive_max_len:
+        row["naive"] = timed(lambda x: gla_fn(gla_recurrence_reference, x), inputs)
+    for baseline in ("sdpa", "naive"):
+        if baseline in row:
+            row[f"{baseline}_over_chunk"] = {
+                part: row[baseline][part]["median_ms"] / row["chunk"][part]["median_ms"] for part in ("fwd", "fwd_bwd")}
+    return row
+
+
+def print_row(row: dict) -> None:
+    if not row["checked"]:
+        print(f"T={row['T']:<6} CHECK FAILED (max rel error {row['rel_error']:.2e})", flush=True)
+        return
+    cells = [f"T={row['T']:<6}"]
+    for part in ("fwd", "fwd_bwd"):
+        cells.append(f"{part:>7} chunk {row['chunk'][part]['median_ms']:9.1f} ms")
+        for baseline in ("sdpa", "naive"):
+            ratio = row.get(f"{baseline}_over_chunk", {}).get(part)
+            cells.append(f"{baseline}/chunk {ratio:6.2f}x" if ratio else f"{baseline}/chunk      -")
+    print("  ".join(cells) + f"  (busy {row['chunk']['fwd']['other_cores_busy']})", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--key-dim", type=int, default=64)
+    parser.add_argument("--value-dim", type=int, default=64)
+    parser.add_argument("--naive-max-len", type=int, default=2048)
+    parser.add_argument("--check-len", type=int, default=256)
+    saving = parser.add_mutually_exclusive_group()
+    saving.add_argument("--out", type=Path, default=None)
+    saving.add_argument("--no-save", action="store_true", help="print the table only (smoke runs)")
+    args = parser.parse_args()
+    rows = []
+    with pinned_threads(args.threads):
+        for seq in args.lengths:
+            rows.append(run(seq, args))
+            print_row(rows[-1])
+    if args.no_save:
+        return
+    name = f"gla_cpu-{datetime.date.today()}-{machine_name()}.json"
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / name
+    config = {key: getattr(args, key) for key in ("batch", "heads", "key_dim", "value_dim")}
+    out.write_text(json.dumps({"date": str(datetime.date.today()), "machine": machine_name(), "threads": args.threads,
+                               "torch": torch.__version__, "config": config, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
