@@ -40,8 +40,8 @@ QUANTIZATION_METHODS = {
 
 def register_all() -> None:
     """Register quantization configs, quantizers, the checkpoint model type, the GLA model family, speculative
-    decoding (and the KV4 cache where configured) for every model our quantizers produce, the tensor-parallel styles of self-sharding
-    linears, ring attention and the KV4 attention (safe to call repeatedly)."""
+    decoding (and the KV4 cache where configured) for every model our quantizers produce, the tensor-parallel
+    styles of self-sharding linears, ring attention and the KV4 attention (safe to call repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
