@@ -7,7 +7,8 @@ for the layout). Backends (picked by :func:`hf_plugins.kernels._dispatch.choose_
 - ``cpu``: :func:`~.cpu.chunk_gla_cpu`, the chunkwise form in torch (autograd through torch ops); decoding runs the
   reference recurrence, which is what a few tokens need.
 - ``triton``: :func:`~.triton.chunk_gla_triton` (forward and backward kernels) and
-  :func:`~.triton.fused_recurrent_gla_triton` (forward only), imported on first use.
+  :func:`~.triton.fused_recurrent_gla_triton` (a forward kernel; calls that need gradients take the chunk
+  kernels), imported on first use.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def fused_recurrent_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: t
                         output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                         backend: str | None = None) -> GLAResult:
     """GLA one token at a time, for decoding a few tokens from a cached state; arguments and results as
-    :func:`chunk_gla`. The triton backend is forward-only (``ValueError`` if a gradient is wanted); the cpu and
-    reference backends run the differentiable torch recurrence."""
+    :func:`chunk_gla`. On triton a fused kernel (forward only: calls that need gradients run the chunk kernels);
+    on cpu and reference the differentiable torch recurrence."""
     scale = check_inputs(q, k, v, gk, scale, initial_state, cu_seqlens)
     chosen = choose_backend("gla", q.device, backend)
     if chosen != "triton":

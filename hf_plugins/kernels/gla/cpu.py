@@ -10,8 +10,10 @@ Every exponent above is ``<= 0`` except inside ``A``, where factoring ``exp(g_t 
 ``exp(-g_s)`` would overflow once the gates have summed past about -88. So ``A`` is built from sub-chunks of
 ``SUB_CHUNK`` tokens (the paper's secondary level): a query sub-chunk against earlier key sub-chunks factors
 around the gate at the query sub-chunk's first token, which lies between the two (both factors ``<= 1``, one
-matmul); a sub-chunk against itself takes the exact pairwise exponent, masked before the ``exp``. The state
-passes from chunk to chunk in a short Python loop, vectorised over sequences.
+matmul); a sub-chunk against itself takes each pair's exponent, one diagonal at a time. Every exponent is a
+sum of gates over its own run of tokens, never a difference of two long sums (with gates near -20, chunk sums
+reach -1000 and their difference keeps ~1e-5 of relative precision in fp32), and is floored at ``LOG_FLOOR``.
+The state passes from chunk to chunk in a short Python loop, vectorised over sequences.
 
 Sequences (batch rows, or the ``cu_seqlens`` pieces of row 0) are padded to whole chunks with ``k = v = 0`` and
 ``gk = 0``, which leave the state unchanged, so a sequence's final state is the state after its padded end.
@@ -25,10 +27,11 @@ import torch
 
 from .reference import compute_dtype
 
-__all__ = ["CHUNK", "SUB_CHUNK", "chunk_gla_cpu"]
+__all__ = ["CHUNK", "LOG_FLOOR", "SUB_CHUNK", "chunk_gla_cpu"]
 
 CHUNK = 64
-SUB_CHUNK = 8  # exact pairwise scores cost SUB_CHUNK x the input's memory; 8 balances that against the matmuls
+SUB_CHUNK = 8  # exact pairwise scores cost ~SUB_CHUNK / 2 x the input's work; 8 balances that against the matmuls
+LOG_FLOOR = -80.0  # exp(-80) ~ 2e-35 is still a normal fp32: gate sums below it are floored
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,13 @@ def _pass_states(decay: torch.Tensor, update: torch.Tensor, initial: torch.Tenso
 
     Returns ``(entering [chunks, H, K, V], final [sequences, H, K, V])``.
     """
-    decay = torch.cat([decay, decay.new_ones(1, *decay.shape[1:])])
-    update = torch.cat([update, update.new_zeros(1, *update.shape[1:])])
+    # gathered once and unbound: indexing inside the loop would cost a full-size zero gradient per step
+    decays = torch.cat([decay, decay.new_ones(1, *decay.shape[1:])])[layout.scan].unbind(1)
+    updates = torch.cat([update, update.new_zeros(1, *update.shape[1:])])[layout.scan].unbind(1)
     state, entering = initial, []
-    for step in range(layout.scan.shape[1]):
-        chunk = layout.scan[:, step]
+    for step_decay, step_update in zip(decays, updates):
         entering.append(state)
-        state = decay[chunk][..., None] * state + update[chunk]
+        state = step_decay[..., None] * state + step_update
     if not entering:
         return update[:0], state
     return torch.stack(entering)[layout.chunk_pos, layout.chunk_seq], state
@@ -112,23 +115,65 @@ def _suffix_sums(gk: torch.Tensor, dim: int) -> torch.Tensor:
     return shifted.flip(dim).cumsum(dim).flip(dim)
 
 
-def _diagonal_scores(q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
-    """Exact scores inside each sub-chunk: ``q, k, gk [..., c, K]`` -> ``[..., c, c]`` lower-triangular, with the
-    exponent ``sum_{s < u <= t} gk_u`` of each pair ``(t, s)`` summed along ``t``."""
-    size = q.shape[-2]
-    rows = torch.arange(size, device=q.device)
-    after = (rows[:, None] > rows[None, :])[:, :, None]  # u > s, per (u, s)
-    exponent = torch.cumsum(torch.where(after, gk[..., :, None, :], 0.0), dim=-3)  # where, not *: gk may be -inf
-    causal = (rows[:, None] >= rows[None, :])[:, :, None]
-    weights = torch.exp(exponent.masked_fill(~causal, float("-inf")))  # masked before exp: no inf, no NaN grads
-    return ((weights * k[..., None, :, :]) @ q[..., :, :, None])[..., 0]
+def _exp(exponent: torch.Tensor) -> torch.Tensor:
+    """``exp`` of a gate sum (``<= 0``) floored at ``LOG_FLOOR``: below it a term is noise, and fp32 ``exp`` of
+    -100 (a denormal) or -inf runs 3-10x slower than of -10."""
+    return torch.exp(exponent.clamp_min(LOG_FLOOR))
+
+
+def _diagonal_exponents(gk: torch.Tensor) -> list[torch.Tensor]:
+    """``[e_0, .., e_{c-1}]`` for ``gk [..., c, K]``: ``e_d [..., c - d, K]`` holds ``sum_{s < u <= s + d} gk_u``
+    for the pairs ``(s + d, s)``, each the previous diagonal's plus one more gate (no differences of sums)."""
+    exponents = [torch.zeros_like(gk)]
+    for d in range(1, gk.shape[-2]):
+        exponents.append(exponents[-1][..., :-1, :] + gk[..., d:, :])
+    return exponents
+
+
+class _DiagonalScores(torch.autograd.Function):
+    """Exact scores inside each sub-chunk: ``q, k, gk [..., c, K]`` -> ``[..., c, c]`` lower-triangular, one
+    diagonal ``d`` (the pairs ``(s + d, s)``) at a time. The backward is written out: autograd through the
+    per-diagonal slices would zero-fill a full-size gradient for every slice."""
+
+    @staticmethod
+    def forward(ctx, q, k, gk):
+        ctx.save_for_backward(q, k, gk)
+        size = q.shape[-2]
+        scores = q.new_zeros(*q.shape[:-1], size)
+        for d, exponent in enumerate(_diagonal_exponents(gk)):
+            pairs = (q[..., d:, :] * k[..., :size - d, :] * _exp(exponent)).sum(-1)
+            scores += torch.diag_embed(pairs, offset=-d)
+        return scores
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_scores):
+        q, k, gk = ctx.saved_tensors
+        size = q.shape[-2]
+        dq, dk, dgk = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(gk)
+        carry = None  # gradient of diagonal d + 1's exponent, which extends diagonal d's
+        for d, exponent in reversed(list(enumerate(_diagonal_exponents(gk)))):
+            d_pairs = torch.diagonal(d_scores, offset=-d, dim1=-2, dim2=-1)[..., None] * _exp(exponent)
+            d_query = d_pairs * k[..., :size - d, :]
+            dq[..., d:, :] += d_query
+            dk[..., :size - d, :] += d_pairs * q[..., d:, :]
+            # exp's own derivative, also below the floor (where it is < 2e-35 instead of 0): no mask pass
+            d_exponent = d_query * q[..., d:, :]
+            if carry is not None:
+                d_exponent[..., :-1, :] += carry
+            if d:
+                dgk[..., d:, :] += d_exponent
+            carry = d_exponent
+        return dq, dk, dgk
 
 
 def _intra_scores(q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
     """``A [chunks, H, C, C]`` (lower-triangular) from scaled ``q``, ``k`` and ``gk``, each ``[chunks, H, C, K]``.
 
-    A query sub-chunk ``i`` meets earlier keys through the gate sum up to its first token ``a``:
-    ``exp(sum_(s, t]) = exp(sum_(a, t]) * exp(sum_(s, a])``, both factors ``<= 1``.
+    Query sub-chunk ``i`` meets the keys ``s`` of an earlier sub-chunk ``j`` through the gate sum up to its first
+    token ``a``: ``exp(sum_(s, t]) = exp(sum_(a, t]) * exp(sum_(s, a])``, both factors ``<= 1``, and
+    ``sum_(s, a]`` = the rest of sub-chunk ``j`` + the sub-chunks strictly between + ``gk_a``. Sub-chunks are
+    unbound rather than sliced: a slice's gradient is a full-size zero fill.
     """
     chunks, heads, size, key_dim = q.shape
     sub = min(SUB_CHUNK, size)
@@ -136,17 +181,18 @@ def _intra_scores(q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor) -> torch.T
     shape = (chunks, heads, parts, sub, key_dim)
     q_sub, k_sub, gk_sub = q.reshape(shape), k.reshape(shape), gk.reshape(shape)
     after_first = torch.cat([torch.zeros_like(gk_sub[:, :, :, :1]), gk_sub[:, :, :, 1:]], 3)
-    q_rel = q_sub * torch.exp(torch.cumsum(after_first, 3))
-    diagonal = _diagonal_scores(q_sub, k_sub, gk_sub)
+    queries = (q_sub * _exp(torch.cumsum(after_first, 3))).unbind(2)  # relative to the sub-chunk's first token
+    keys = (k_sub * _exp(_suffix_sums(gk_sub, 3))).unbind(2)  # relative to the sub-chunk's last token
+    totals, firsts = gk_sub.sum(3).unbind(2), gk_sub[:, :, :, 0].unbind(2)
+    diagonals = _DiagonalScores.apply(q_sub, k_sub, gk_sub).unbind(2)
     rows = []
     for i in range(parts):
-        blocks = []
-        if i:
-            start = i * sub
-            to_anchor = gk[:, :, 1:start + 1].flip(2).cumsum(2).flip(2)  # row s: sum over (s, start]
-            k_rel = k[:, :, :start] * torch.exp(to_anchor)
-            blocks.append(q_rel[:, :, i] @ k_rel.transpose(-1, -2))
-        blocks.append(diagonal[:, :, i])
+        between, earlier = firsts[i], []
+        for j in reversed(range(i)):
+            earlier.insert(0, keys[j] * _exp(between)[:, :, None])
+            between = between + totals[j]
+        blocks = [queries[i] @ torch.cat(earlier, 2).mT] if earlier else []
+        blocks.append(diagonals[i])
         if i + 1 < parts:
             blocks.append(q.new_zeros(chunks, heads, sub, size - (i + 1) * sub))
         rows.append(torch.cat(blocks, -1))
@@ -184,13 +230,13 @@ def chunk_gla_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.T
     q_c, k_c, v_c, gk_c = (_to_chunks(x.reshape(batch * seq_len, heads, x.shape[-1]), layout, dtype)
                            for x in (q, k, v, gk))
     g = torch.cumsum(gk_c, dim=2)
-    update = (k_c * torch.exp(_suffix_sums(gk_c, 2))).transpose(-1, -2) @ v_c
+    update = (k_c * _exp(_suffix_sums(gk_c, 2))).transpose(-1, -2) @ v_c
     if initial_state is None:
         initial = q.new_zeros((len(lengths), heads, key_dim, value_dim), dtype=dtype)
     else:
         initial = initial_state.to(dtype)
-    entering, final = _pass_states(torch.exp(g[:, :, -1]), update, initial, layout)
+    entering, final = _pass_states(_exp(g[:, :, -1]), update, initial, layout)
     q_c = q_c * scale
-    o = (q_c * torch.exp(g)) @ entering + _intra_scores(q_c, k_c, gk_c) @ v_c
+    o = (q_c * _exp(g)) @ entering + _intra_scores(q_c, k_c, gk_c) @ v_c
     o = o.transpose(1, 2).reshape(-1, heads, value_dim)[layout.valid.reshape(-1)]
     return o.reshape(batch, seq_len, heads, value_dim).to(q.dtype), (final if output_final_state else None)

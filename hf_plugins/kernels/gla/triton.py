@@ -21,8 +21,9 @@ initial state's), ``_bwd_score_kernel`` (``dA = tril(do v^T)``), ``_bwd_intra_ke
 sub-chunks), ``_bwd_value_kernel`` (dv) and ``_bwd_query_key_kernel`` (the inter-chunk dq, dk, and the gate
 gradient: ``dg = q dq - k dk`` plus the chunk's last-token terms, summed in reverse along the chunk).
 
-Decode (:func:`fused_recurrent_gla_triton`, forward only): one program per sequence, head and value block keeps
-the ``[K, BV]`` state in registers over the tokens.
+Decode (:func:`fused_recurrent_gla_triton`): one program per sequence, head and value block keeps the
+``[K, BV]`` state in registers over the tokens; it has no backward (calls that need gradients take the chunk
+kernels).
 
 fp32 inputs take an exact route (fp32 ``ieee`` dots, which run on FMA units); fp16/bf16 inputs feed the dots
 in their own dtype (fp32 under the interpreter for bf16) and accumulate in fp32.
@@ -30,6 +31,7 @@ in their own dtype (fp32 under the interpreter for bf16) and accumulate in fp32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,9 @@ __all__ = ["chunk_gla_triton", "fused_recurrent_gla_triton"]
 SUB_CHUNK = 16  # the tl.dot minimum on NVIDIA GPUs
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETER = triton_interpreter()
+# launch options of the kernels holding [64, 64] fp32 tiles: at 4 warps they spill 0.4-3 KB per thread on sm_90
+# (ptxas -v), at 8 warps at most 0.25 KB; the interpreter takes no GPU options
+_BIG_TILES = {} if _INTERPRETER else {"num_warps": 8}
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -425,12 +430,8 @@ class _Plan:
     BT: int
 
 
-def _plan(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Plan:
-    """The chunking of ``batch`` rows of ``seq_len`` tokens, or of the ``cu_seqlens`` pieces of one row."""
-    if cu_seqlens is None:
-        offsets = torch.arange(batch + 1, dtype=torch.int64) * seq_len
-    else:
-        offsets = cu_seqlens.to("cpu", torch.int64)
+def _plan_of(offsets: torch.Tensor, device: torch.device) -> _Plan:
+    """The chunking of the sequences ``[offsets[i], offsets[i + 1])`` (int64 on CPU)."""
     lengths = offsets[1:] - offsets[:-1]
     longest = int(lengths.max()) if lengths.numel() else 0
     block = min(64, max(SUB_CHUNK, triton.next_power_of_2(max(longest, 1))))
@@ -442,6 +443,20 @@ def _plan(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: tor
     to_device = dict(device=device, dtype=torch.int32)
     return _Plan(offsets.to(**to_device), indices.to(**to_device).contiguous(), chunk_offsets.to(**to_device),
                  len(counts), len(indices), block)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_plan(batch: int, seq_len: int, device: torch.device) -> _Plan:
+    """The plan of ``batch`` rows of ``seq_len`` tokens, kept: decoding repeats it every layer and token, and each
+    plan costs three host-to-device copies."""
+    return _plan_of(torch.arange(batch + 1, dtype=torch.int64) * seq_len, device)
+
+
+def _plan(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Plan:
+    """The chunking of ``batch`` rows of ``seq_len`` tokens, or of the ``cu_seqlens`` pieces of one row."""
+    if cu_seqlens is None:
+        return _rows_plan(batch, seq_len, device)
+    return _plan_of(cu_seqlens.to("cpu", torch.int64), device)
 
 
 def _blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -476,7 +491,7 @@ def _forward(q, k, v, gk, scale, initial_state, output_final_state, plan):
     grid_state = (triton.cdiv(key_dim, BK), triton.cdiv(value_dim, BV), plan.sequences * heads)
     _fwd_state_kernel[grid_state](k, v, gk, h, initial_state, ht, plan.cu_seqlens, plan.chunk_offsets, heads,
                                   key_dim, value_dim, HAS_H0=initial_state is not None,
-                                  STORE_FINAL=output_final_state, DT=DT, BT=plan.BT, BK=BK, BV=BV)
+                                  STORE_FINAL=output_final_state, DT=DT, BT=plan.BT, BK=BK, BV=BV, **_BIG_TILES)
     if plan.chunks:
         NC = plan.BT // SUB_CHUNK
         _fwd_intra_kernel[(NC * NC, plan.chunks, heads)](q, k, gk, A, plan.cu_seqlens, plan.chunk_indices, scale,
@@ -484,7 +499,7 @@ def _forward(q, k, v, gk, scale, initial_state, output_final_state, plan):
                                                           BK=_intra_block(BK))
         _fwd_output_kernel[(triton.cdiv(value_dim, BV), plan.chunks, heads)](
             q, v, gk, h, A, o, plan.cu_seqlens, plan.chunk_indices, scale, heads, key_dim, value_dim, DT=DT,
-            BT=plan.BT, BK=BK, BV=BV)
+            BT=plan.BT, BK=BK, BV=BV, **_BIG_TILES)
     return o, ht, h, A
 
 
@@ -500,7 +515,7 @@ def _backward(q, k, v, gk, h, A, do, dht, scale, need_dh0, plan):
     grid_state = (triton.cdiv(key_dim, BK), triton.cdiv(value_dim, BV), plan.sequences * heads)
     _bwd_state_kernel[grid_state](q, gk, do, dh, dht, dh0, plan.cu_seqlens, plan.chunk_offsets, scale, heads,
                                   key_dim, value_dim, HAS_DHT=dht is not None, STORE_DH0=need_dh0, DT=DT,
-                                  BT=plan.BT, BK=BK, BV=BV)
+                                  BT=plan.BT, BK=BK, BV=BV, **_BIG_TILES)
     dq, dk = _new_output(q.shape, q.dtype, device), _new_output(k.shape, k.dtype, device)
     dv, dgk = _new_output(v.shape, v.dtype, device), _new_output(gk.shape, gk.dtype, device)
     if plan.chunks:
@@ -509,15 +524,16 @@ def _backward(q, k, v, gk, h, A, do, dht, scale, need_dh0, plan):
         dk_intra = _new_output(k.shape, torch.float32, device)
         NC, NK, NV = plan.BT // SUB_CHUNK, triton.cdiv(key_dim, BK), triton.cdiv(value_dim, BV)
         common = (plan.cu_seqlens, plan.chunk_indices)
-        _bwd_score_kernel[(plan.chunks, heads)](v, do, dA, *common, heads, value_dim, DT=DT, BT=plan.BT, BV=BV)
+        _bwd_score_kernel[(plan.chunks, heads)](v, do, dA, *common, heads, value_dim, DT=DT, BT=plan.BT, BV=BV,
+                                                **_BIG_TILES)
         BKI = _intra_block(BK)
         _bwd_intra_kernel[(triton.cdiv(key_dim, BKI), plan.chunks * NC, heads)](
             q, k, gk, dA, dq_intra, dk_intra, *common, scale, heads, key_dim, DT=DT, BT=plan.BT, BC=SUB_CHUNK, BK=BKI)
         _bwd_value_kernel[(NV, plan.chunks, heads)](k, gk, do, dh, A, dv, *common, heads, key_dim, value_dim, DT=DT,
-                                                    BT=plan.BT, BK=BK, BV=BV)
+                                                    BT=plan.BT, BK=BK, BV=BV, **_BIG_TILES)
         _bwd_query_key_kernel[(NK, plan.chunks, heads)](q, k, v, gk, h, do, dh, dq_intra, dk_intra, dq, dk, dgk,
                                                         *common, scale, heads, key_dim, value_dim, DT=DT,
-                                                        BT=plan.BT, BK=BK, BV=BV)
+                                                        BT=plan.BT, BK=BK, BV=BV, **_BIG_TILES)
     return dq, dk, dv, dgk, dh0
 
 
@@ -533,6 +549,7 @@ class _ChunkGLA(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
         q, k, v, gk, h, A = ctx.saved_tensors
         need_dh0 = ctx.initial_dtype is not None and ctx.needs_input_grad[4]
@@ -573,13 +590,15 @@ def chunk_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torc
 def fused_recurrent_gla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, scale: float,
                                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """GLA token by token in one kernel (decoding), forward only; arguments and results as
-    :func:`chunk_gla_triton`."""
+    """GLA token by token in one kernel (decoding); arguments and results as :func:`chunk_gla_triton`.
+
+    The kernel has no backward: when autograd needs gradients (an input requires grad, e.g. a model in eval mode
+    outside ``torch.no_grad``), the call runs :func:`chunk_gla_triton`, the same function with backward kernels.
+    """
     _check_triton_inputs(q, gk)
     tensors = (q, k, v, gk) if initial_state is None else (q, k, v, gk, initial_state)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise ValueError("fused_recurrent_gla on the triton backend is forward-only (decoding), but an input "
-                         "requires grad; use chunk_gla for training, or call it under torch.no_grad().")
+        return chunk_gla_triton(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens)
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     plan = _plan(batch, seq_len, cu_seqlens, q.device)
