@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..kernels.gla import fused_recurrent_gla
+from .cache_layers import BatchMappedLayer
 
 MAX_ROLLBACK_TOKENS = 64
 """Default tokens a GLA layer can roll back (beyond its latest update): a draft's k steps plus a verification."""
@@ -47,7 +48,7 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor | None, dim: int) -> torch.
     return None if new is None else torch.cat([old, new], dim=dim)
 
 
-class GLAStateLayer(CacheLayerMixin):
+class GLAStateLayer(BatchMappedLayer, CacheLayerMixin):
     """One GLA layer's cache: ``state`` (float32 ``[batch, heads, key_dim, value_dim]``), ``conv_tail`` (the last
     ``conv_size - 1`` short-convolution inputs ``[batch, channels, conv_size - 1]``, or None) and the token count.
 
@@ -144,15 +145,6 @@ class GLAStateLayer(CacheLayerMixin):
         self.state = None if self.state is None else fn(self.state)
         self.conv_tail = None if self.conv_tail is None else fn(self.conv_tail)
         self._since = None if self._since is None else self._since.map(fn)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
         self._device = None if self.state is None else self.state.device

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..attention.cache_layers import BatchMappedLayer
 from ..attention.kv4 import KV4_ATTENTION
 from ..kernels.kv4_attention import PackedKV, dequantize_packed
 from ..kernels.w4ax_gemm.reference import pack_int4
@@ -70,7 +71,7 @@ def outlier_pair_ratio(scale: torch.Tensor) -> float:
     return float((half.amax(-1) / half.median(-1).values.clamp_min(1e-30)).max())
 
 
-class KV4Layer(DynamicLayer):
+class KV4Layer(BatchMappedLayer, DynamicLayer):
     """One attention layer's 4-bit cache. ``update`` appends the new tokens' codes and returns the whole K and V
     ``[batch, kv_heads, tokens, head_dim]``: dequantized in the model's dtype, or, with ``packed_outputs``, as
     :class:`~hf_plugins.kernels.kv4_attention.PackedKV` for an attention function that reads them directly
@@ -168,15 +169,6 @@ class KV4Layer(DynamicLayer):
             raise ValueError(f"KV4Layer.crop takes a negative count of tokens to remove, got {tokens_to_remove}.")
         if tokens_to_remove:
             self._map(lambda t: t[..., :tokens_to_remove, :], per_token=False)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
         self._map(lambda t: t.to("cpu", non_blocking=True))

@@ -13,10 +13,10 @@ from hf_plugins.kernels.gla.cpu import CHUNK, chunk_gla_cpu
 from tests.kernels.test_gla_reference import (
     GATES,
     assert_all_close,
+    check_packed_matches_separate_runs,
     forward_backward,
     gla_inputs,
     oracle,
-    packed_offsets,
 )
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
@@ -76,19 +76,7 @@ def test_extreme_gates_stay_finite_and_exact(gate):
 
 @pytest.mark.parametrize("lengths", [[CHUNK + 1, 0, 3, 2 * CHUNK], [1, 1], [200]], ids=str)
 def test_packed_sequences_match_separate_runs(lengths):
-    cu_seqlens = packed_offsets(lengths)
-    inputs = gla_inputs(1, sum(lengths), 2, 16, 24, "strong", seed=len(lengths), sequences=len(lengths))
-    packed = forward_backward(chunk_gla_cpu, inputs, torch.float32, cu_seqlens=cu_seqlens)
-    assert_all_close(packed, oracle(inputs, torch.float32, cu_seqlens=cu_seqlens), torch.float32)
-    offsets = cu_seqlens.tolist()
-    for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
-        piece = {name: value[i:i + 1] if name in ("h0", "dht") else value[:, start:end]
-                 for name, value in inputs.items()}
-        alone = forward_backward(chunk_gla_cpu, piece, torch.float32)
-        for name in ("o", "dq", "dk", "dv", "dgk") if end > start else ():
-            assert max_rel_error(packed[name][:, start:end], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
-        for name in ("ht", "dh0"):
-            assert max_rel_error(packed[name][i:i + 1], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
+    check_packed_matches_separate_runs(chunk_gla_cpu, lengths, value_dim=24)
 
 
 @pytest.mark.parametrize(("prefill", "decode"), [(100, 3), (CHUNK, 1), (1, 5)], ids=str)

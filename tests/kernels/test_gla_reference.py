@@ -100,6 +100,24 @@ def packed_offsets(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
 
 
+def check_packed_matches_separate_runs(fn, lengths: list[int], value_dim: int) -> None:
+    """``fn`` (a chunk implementation) on sequences of ``lengths`` packed with ``cu_seqlens``: forward, final
+    states and gradients match the float32 oracle, and each sequence matches a separate call."""
+    cu_seqlens = packed_offsets(lengths)
+    inputs = gla_inputs(1, sum(lengths), 2, 16, value_dim, "strong", seed=len(lengths), sequences=len(lengths))
+    packed = forward_backward(fn, inputs, torch.float32, cu_seqlens=cu_seqlens)
+    assert_all_close(packed, oracle(inputs, torch.float32, cu_seqlens=cu_seqlens), torch.float32)
+    offsets = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        piece = {name: value[i:i + 1] if name in ("h0", "dht") else value[:, start:end]
+                 for name, value in inputs.items()}
+        alone = forward_backward(fn, piece, torch.float32)
+        for name in ("o", "dq", "dk", "dv", "dgk") if end > start else ():
+            assert max_rel_error(packed[name][:, start:end], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
+        for name in ("ht", "dh0"):
+            assert max_rel_error(packed[name][i:i + 1], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
+
+
 def _unrolled(q, k, v, gk, h0, scale):
     """Closed form of one head's outputs, ``[T, K]``/``[T, V]`` in float64: every pair ``(t, s)`` with its gate sum
     over ``(s, t]``, plus the initial state decayed over ``[0, t]``."""

@@ -16,6 +16,7 @@ from tests.kernels.poison import poisoned_output
 from tests.kernels.test_gla_reference import (
     GATES,
     assert_all_close,
+    check_packed_matches_separate_runs,
     forward_backward,
     gla_inputs,
     oracle,
@@ -100,19 +101,7 @@ def test_extreme_gates_stay_finite_and_exact(gate):
 
 @pytest.mark.parametrize("lengths", [[65, 0, 3, 17], [1, 1], [130]], ids=str)
 def test_packed_sequences_match_separate_runs(lengths):
-    cu_seqlens = packed_offsets(lengths)
-    inputs = gla_inputs(1, sum(lengths), 2, 16, 16, "strong", seed=len(lengths), sequences=len(lengths))
-    packed = forward_backward(chunk_gla_triton, inputs, torch.float32, cu_seqlens=cu_seqlens)
-    assert_all_close(packed, oracle(inputs, torch.float32, cu_seqlens=cu_seqlens), torch.float32)
-    offsets = cu_seqlens.tolist()
-    for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
-        piece = {name: value[i:i + 1] if name in ("h0", "dht") else value[:, start:end]
-                 for name, value in inputs.items()}
-        alone = forward_backward(chunk_gla_triton, piece, torch.float32)
-        for name in ("o", "dq", "dk", "dv", "dgk") if end > start else ():
-            assert max_rel_error(packed[name][:, start:end], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
-        for name in ("ht", "dh0"):
-            assert max_rel_error(packed[name][i:i + 1], alone[name]) <= FLOAT_KERNEL_RTOL[torch.float32]
+    check_packed_matches_separate_runs(chunk_gla_triton, lengths, value_dim=16)
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "zeros"])
