@@ -10,6 +10,7 @@ import importlib
 from ._registry import register_all
 from .attention.gla import GatedLinearAttention
 from .attention.gla_cache import GLACache
+from .attention.hyena_cache import HyenaCache
 from .generation import (
     KV4Cache,
     SpeculativeConfig,
@@ -17,7 +18,7 @@ from .generation import (
     enable_speculative,
     self_draft,
 )
-from .models import GLAConfig, GLAForCausalLM, GLAModel
+from .models import GLAConfig, GLAForCausalLM, GLAModel, HyenaConfig, HyenaForCausalLM, HyenaModel
 from .quantizers import (
     AwqConfig,
     AwqLinear,
@@ -39,6 +40,10 @@ __all__ = [
     "GLAForCausalLM",
     "GLAModel",
     "GatedLinearAttention",
+    "HyenaCache",
+    "HyenaConfig",
+    "HyenaForCausalLM",
+    "HyenaModel",
     "KV4Cache",
     "SpeculativeConfig",
     "W4A4KV4Config",

@@ -16,6 +16,8 @@ from .attention import KV4_ATTENTION, RING_ATTENTION, kv4_attention_forward, rin
 from .generation import enable_speculative, use_kv4_cache_if_configured
 from .models.gla import MODEL_TYPE as GLA_MODEL_TYPE
 from .models.gla import GLAConfig, GLAForCausalLM, GLAModel
+from .models.hyena import MODEL_TYPE as HYENA_MODEL_TYPE
+from .models.hyena import HyenaConfig, HyenaForCausalLM, HyenaModel
 from .parallel.local_styles import local_styles
 from .quantizers import (
     AwqConfig,
@@ -39,9 +41,10 @@ QUANTIZATION_METHODS = {
 
 
 def register_all() -> None:
-    """Register quantization configs, quantizers, the checkpoint model type, the GLA model family, speculative
-    decoding (and the KV4 cache where configured) for every model our quantizers produce, the tensor-parallel
-    styles of self-sharding linears, ring attention and the KV4 attention (safe to call repeatedly)."""
+    """Register quantization configs, quantizers, the checkpoint model type, the GLA and Hyena model families,
+    speculative decoding (and the KV4 cache where configured) for every model our quantizers produce, the
+    tensor-parallel styles of self-sharding linears, ring attention and the KV4 attention (safe to call
+    repeatedly)."""
     for method, (config_cls, quantizer_cls) in QUANTIZATION_METHODS.items():
         if method not in AUTO_QUANTIZATION_CONFIG_MAPPING:
             register_quantization_config(method)(config_cls)
@@ -49,10 +52,12 @@ def register_all() -> None:
             register_quantizer(method)(quantizer_cls)
     if CHECKPOINT_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(CHECKPOINT_MODEL_TYPE, QuantizedCheckpointConfig)
-    if GLA_MODEL_TYPE not in CONFIG_MAPPING:
-        AutoConfig.register(GLA_MODEL_TYPE, GLAConfig)
-        AutoModel.register(GLAConfig, GLAModel)
-        AutoModelForCausalLM.register(GLAConfig, GLAForCausalLM)
+    for model_type, config_cls, model_cls, lm_cls in ((GLA_MODEL_TYPE, GLAConfig, GLAModel, GLAForCausalLM),
+                                                      (HYENA_MODEL_TYPE, HyenaConfig, HyenaModel, HyenaForCausalLM)):
+        if model_type not in CONFIG_MAPPING:
+            AutoConfig.register(model_type, config_cls)
+            AutoModel.register(config_cls, model_cls)
+            AutoModelForCausalLM.register(config_cls, lm_cls)
     for callback in (enable_speculative, use_kv4_cache_if_configured):
         if callback not in ON_QUANTIZED_MODEL:
             ON_QUANTIZED_MODEL.append(callback)

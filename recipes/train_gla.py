@@ -1,8 +1,9 @@
-"""Train a small gated-linear-attention LM (or a same-size softmax Llama) on real text with Accelerate.
+"""Train a small gated-linear-attention LM (or a same-size Hyena or softmax Llama) on real text with Accelerate.
 
-    accelerate launch recipes/train_gla.py --text wiki --steps 300            # GLA
-    accelerate launch recipes/train_gla.py --text wiki --steps 300 --softmax  # the same-size softmax baseline
-    python recipes/train_gla.py --steps 20 --hidden 128 --layers 2            # a quick CPU run
+    accelerate launch recipes/train_gla.py --text wiki --steps 300                 # GLA
+    accelerate launch recipes/train_gla.py --text wiki --steps 300 --arch softmax  # the same-size softmax baseline
+    accelerate launch recipes/train_gla.py --text wiki --steps 300 --arch hyena    # Hyena (recipes/train_hyena.py)
+    python recipes/train_gla.py --steps 20 --hidden 128 --layers 2                 # a quick CPU run
 
 The packaged text's "calibration" documents are packed into ``--seq-len`` token blocks (SmolLM2's tokenizer) for
 training, its "evaluation" documents for held-out perplexity. Cosine schedule with warmup, gradient clipping, a
@@ -39,13 +40,18 @@ def token_blocks(tokenizer, text: str, split: str, seq_len: int) -> torch.Tensor
     return blocks
 
 
+ARCHS = ("gla", "hyena", "softmax")
+
+
 def build_model(args, vocab_size: int) -> torch.nn.Module:
-    """A GLA LM, or with ``--softmax`` a Llama of the same width, depth and MLP."""
+    """A GLA LM (``--arch gla``), a Hyena LM or a Llama of the same width, depth and MLP width."""
     common = dict(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   intermediate_size=args.hidden * 8 // 3 // 64 * 64, tie_word_embeddings=True)
-    if args.softmax:
+    if args.arch == "softmax":
         return LlamaForCausalLM(LlamaConfig(num_attention_heads=args.heads, max_position_embeddings=args.seq_len,
                                             **common))
+    if args.arch == "hyena":
+        return hf_plugins.HyenaForCausalLM(hf_plugins.HyenaConfig(max_position_embeddings=args.seq_len, **common))
     return hf_plugins.GLAForCausalLM(hf_plugins.GLAConfig(num_heads=args.heads, attn_layers=args.attn_layers,
                                                           use_short_conv=args.short_conv, **common))
 
@@ -64,8 +70,9 @@ def heldout_perplexity(model, blocks: torch.Tensor, batch: int, accelerator: Acc
     return math.exp(total / count)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, arch: str = "gla") -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=arch, choices=ARCHS, help="the token mixer (default: %(default)s)")
     parser.add_argument("--text", default="wiki", choices=("wiki", "news", "code"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
@@ -75,7 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--attn-layers", type=int, nargs="*", default=[], help="softmax blocks of a hybrid")
     parser.add_argument("--short-conv", action="store_true", help="short convolutions on q, k, v")
-    parser.add_argument("--softmax", action="store_true", help="train a same-size softmax Llama instead")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks for perplexity")
@@ -86,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, arch: str = "gla") -> dict:
+    args = parse_args(argv, arch)
     accelerator = Accelerator()
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path("smollm2-135m"))
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     losses, started = [], time.perf_counter()
     model.train()
-    with tqdm(range(first_step, args.steps), desc="GLA" if not args.softmax else "softmax", unit="step",
+    with tqdm(range(first_step, args.steps), desc=args.arch, unit="step",
               disable=not accelerator.is_main_process) as bar:
         for step in bar:
             rows = order[torch.arange(step * args.batch, (step + 1) * args.batch) % train.shape[0]]
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
 
     summary = {
-        "model": "softmax" if args.softmax else "gla",
+        "model": args.arch,
         "parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
         "steps": args.steps, "losses": losses,
         "heldout_perplexity": heldout_perplexity(model, heldout, args.batch, accelerator),

@@ -1,4 +1,5 @@
-"""recipes/train_gla.py on real text: the loss falls, checkpoints resume, the final model reloads."""
+"""recipes/train_gla.py (and its Hyena variant) on real text: the loss falls, checkpoints resume, the final model
+reloads."""
 
 import importlib.util
 import json
@@ -34,3 +35,10 @@ def test_the_loss_falls_and_the_run_resumes_and_reloads(tmp_path):
     resumed = recipe.main([*TINY, "--steps", "12", "--resume", str(out / "step-6"), "--out", str(tmp_path / "again")])
     # The checkpoint restores weights, optimizer and schedule: the resumed steps repeat the first run's.
     assert torch.allclose(torch.tensor(resumed["losses"]), torch.tensor(losses[6:]), rtol=1e-4)
+
+
+def test_the_hyena_recipe_trains_on_real_text(tmp_path):
+    summary = _recipe().main([*TINY, "--steps", "12", "--save-every", "0", "--out", str(tmp_path)], arch="hyena")
+    losses = summary["losses"]
+    assert summary["model"] == "hyena" and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "final"), hf_plugins.HyenaForCausalLM)

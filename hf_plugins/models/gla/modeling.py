@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ...attention.gla import GatedLinearAttention, HeadRMSNorm
 from ...attention.gla_cache import GLACache
+from .._own_cache import OwnCacheMixin
 from .configuration import GLAConfig
 
 
@@ -164,7 +165,7 @@ class GLAModel(GLAPreTrainedModel):
                                        hidden_states=None if all_hidden is None else tuple(all_hidden))
 
 
-class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
+class GLAForCausalLM(OwnCacheMixin, GLAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: GLAConfig) -> None:
@@ -193,10 +194,3 @@ class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
     def new_cache(self) -> GLACache:
         """An empty cache for this model (also what our speculative decoding gives a GLA draft)."""
         return GLACache(self.config)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """``generate`` gets a :class:`GLACache` (transformers' default cache would not hold GLA states)."""
-        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
-                and generation_config.cache_implementation is None):
-            model_kwargs["cache"] = self.new_cache()
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
