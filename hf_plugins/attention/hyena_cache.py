@@ -26,6 +26,7 @@ class HyenaStateLayer(BatchMappedLayer, CacheLayerMixin):
     is_croppable = True
     is_sliding = False
     supports_early_init = False
+    masks_past_slots = False  # a masked-out slot would still shift every later token's lags in the convolutions
 
     def __init__(self) -> None:
         super().__init__()

@@ -37,15 +37,16 @@ def check_croppable(cache: Cache, who: str) -> None:
 
 def check_maskable(cache: Cache, who: str, batch: int) -> None:
     """ValueError when a batch's rejected drafts cannot be masked out of ``cache``: batched verification leaves them
-    as masked slots, which a layer whose past is a recurrent state (``masks_past_slots = False``) has already
-    absorbed."""
+    as masked slots, which layers with ``masks_past_slots = False`` (recurrent states, convolution histories)
+    cannot skip."""
     stuck = [type(layer).__name__ for layer in getattr(cache, "layers", []) if not getattr(layer, "masks_past_slots",
                                                                                             True)]
     if batch > 1 and stuck:
         raise ValueError(
             f"Batched speculative decoding masks each row's rejected drafts out of the {who} cache, but its layers "
-            f"{sorted(set(stuck))} keep a recurrent state that has already absorbed them. Generate one row at a time "
-            f"(batch 1 rolls rejected drafts back exactly), got batch {batch}."
+            f"{sorted(set(stuck))} cannot skip masked slots (a recurrent state has already absorbed them; a "
+            f"convolution's input history would shift every later token). Generate one row at a time (batch 1 "
+            f"rolls rejected drafts back exactly), got batch {batch}."
         )
 
 

@@ -164,7 +164,7 @@ def test_speculative_generation_equals_greedy(variant):
 def test_batched_speculative_decoding_refuses_recurrent_states():
     target = tiny_gla()
     hf_plugins.enable_speculative(target)
-    with pytest.raises(ValueError, match=r"layers \['GLAStateLayer'\] keep a recurrent state .* got batch 2"):
+    with pytest.raises(ValueError, match=r"layers \['GLAStateLayer'\] cannot skip masked slots .* got batch 2"):
         target.generate(ids(2, 6), max_new_tokens=4, do_sample=False, pad_token_id=0,
                         assistant_model=_noisy_copy("gla"))
 

@@ -98,6 +98,12 @@ def test_crop_is_a_slice_and_speculative_generation_equals_greedy():
     greedy = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0,
                                       assistant_model=draft), greedy)
+    hf_plugins.enable_speculative(model)
+    ours = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, assistant_model=model,
+                          speculative_config=hf_plugins.SpeculativeConfig(num_draft_tokens=3))
+    assert torch.equal(ours, greedy)
+    with pytest.raises(ValueError, match=r"layers \['HyenaStateLayer'\] cannot skip masked slots"):
+        model.generate(ids(2, 6), max_new_tokens=4, do_sample=False, pad_token_id=0, assistant_model=draft)
 
 
 def test_save_and_reload_through_the_auto_classes(tmp_path):
