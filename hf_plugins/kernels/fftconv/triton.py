@@ -37,8 +37,14 @@ entirely zero (bins ``keep <= k <= M - keep``).
 
 Backward (``torch.autograd.Function``): ``du = flip(conv(flip(dy), kM))`` runs the same Triton kernel (exact for
 sparse filters too: the correlation with ``kM`` is the convolution of the time-reversed signals);
-``dkM = irfft(sum_b conj(rfft(u, M)) * rfft(dy, M), M)`` is torch.fft, and torch autograd maps ``dkM`` back to
-``dk`` through the construction of ``kM``.
+``dkM = ifft(sum_b conj(fft(u, M)) * fft(dy, M))`` is ``_filter_grad_kernel`` (one program per channel: both
+forward transforms per batch row, the product summed over the batch in registers, one inverse transform) when
+``M <= 4096``, and torch.fft (rfft/irfft) above that; torch autograd maps ``dkM`` back to ``dk`` through the
+construction of ``kM`` (a slice for dense filters; rfft, mask, irfft for sparse ones).
+
+Not done: the real-input trick (a length-``M`` real FFT as a complex one of length ``M / 2``: the kernels use the
+real input only to halve the first stage's matmuls), Monarch order 3, autotuning, the blocked tiling of the
+filter gradient, fused gating.
 
 Dot precision: fp32 inputs take ``ieee`` fp32 dots; fp16 ``tf32x3`` (about fp32 accuracy, 3 tensor-core dots);
 bf16 ``tf32``. The interpreter computes every dot in exact fp32 (bf16 loads are cast to fp32 at once).
@@ -68,6 +74,8 @@ BLOCK = 64
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETER = triton_interpreter()
+_TORCH_GRAD_ELEMENTS = 1 << 26
+"""Complex elements per torch.fft spectrum in the filter gradient above the registers' size (512 MiB each)."""
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
 
 
@@ -340,9 +348,13 @@ def _filter_grad(u: torch.Tensor, dy: torch.Tensor, M: int) -> torch.Tensor:
     rfft(dy))``: the Triton kernel when the transform fits in registers, torch.fft above that."""
     batch, channels, seq = u.shape
     if not _use_whole(M) or batch == 0:
-        U = torch.fft.rfft(u.float(), n=M)
-        DY = torch.fft.rfft(dy.float(), n=M)
-        return torch.fft.irfft((U.conj() * DY).sum(0), n=M)
+        dk = _new_output((channels, M), torch.float32, u.device)
+        step = max(1, _TORCH_GRAD_ELEMENTS // max(1, batch * M))  # channels per slice: bounded spectra
+        for c in range(0, channels, step):
+            U = torch.fft.rfft(u[:, c:c + step].float(), n=M)
+            DY = torch.fft.rfft(dy[:, c:c + step].float(), n=M)
+            dk[c:c + step] = torch.fft.irfft((U.conj() * DY).sum(0), n=M)
+        return dk
     N1, N2 = _factors(M)
     dk = _new_output((channels, M), torch.float32, u.device)
     options = {} if _INTERPRETER else {"num_warps": 8 if M >= 2048 else 4}
