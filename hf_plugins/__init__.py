@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from ._registry import register_all
+from .attention.fftconv import FFTConv
 from .attention.gla import GatedLinearAttention
 from .attention.gla_cache import GLACache
 from .attention.hyena_cache import HyenaCache
@@ -35,6 +36,7 @@ __all__ = [
     "AwqLinear",
     "BipolarIntConfig",
     "BipolarIntLinear",
+    "FFTConv",
     "GLACache",
     "GLAConfig",
     "GLAForCausalLM",

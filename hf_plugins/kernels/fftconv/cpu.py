@@ -4,13 +4,19 @@ spectrum cached across calls, or ``F.conv1d`` for short filters. Differentiable 
 Choices measured on this machine (1 thread, fp32; ``benchmarks/fftconv_cpu.py``):
 
 - FFT size (dense): the causal part of a circular convolution of size ``n`` is exact once
-  ``n >= seq + L - 1``; the smallest such ``2^a 3^b 5^c`` (:func:`fast_fft_size`) runs as fast per element as
-  a power of two, so for ``seq + L - 1`` just above a power of two it is up to ~2x faster than the next one.
-  Frequency-sparse calls use the size that defines them (``2 * next_power_of_two(seq)``, see :mod:`.reference`).
-- Explicit zero padding: ``rfft(F.pad(u, ...))`` is ~4x faster than ``rfft(u, n=n)`` for ``n > seq``
-  (torch 2.13 pads inside the FFT on a slow path), so the input is padded first.
-- Short filters: a depthwise ``F.conv1d`` costs ``O(seq * L)`` against the FFT's ``O(seq log seq)``; it wins up
-  to :data:`DIRECT_MAX_TAPS` taps at every length measured (256 to 16k).
+  ``n >= seq + L - 1``. Even ``2^a 3^b 5^c`` sizes transform at about the power-of-two cost per
+  ``n log n`` (0.13-0.25 ns from 4k to 90k); odd ones (``16875``, ``32805``) cost ~2.5x that. So
+  :func:`fast_fft_size` takes the smallest even 5-smooth size, up to ~2x fewer elements than the next power of
+  two (``seq = 10000``: 20000 instead of 32768). Frequency-sparse calls use the size that defines them
+  (``2 * next_power_of_two(seq)``, see :mod:`.reference`).
+- Short filters: a depthwise ``F.conv1d`` costs ``O(seq * L)`` against the FFT's ``O(seq log seq)``. Forward
+  only (cached spectrum), it wins up to ~24 taps at seq 1k, ~64 at 4k, ~100 at 16k: :data:`DIRECT_MAX_TAPS`
+  = 32. Its backward is slow (depthwise conv backward), so with gradients the crossing is ~10-24 taps:
+  :data:`DIRECT_MAX_TAPS_GRAD` = 16. (64 channels; e.g. seq 16k, 32 taps: fwd 0.63 vs 1.17 ms,
+  fwd + bwd 7.0 vs 4.95 ms.)
+- Gradients: a hand-written backward (:class:`_SpectralConv`) does one ``rfft`` of the output gradient and
+  one ``irfft`` per input; autograd through ``torch.fft`` would run full complex transforms for the
+  ``rfft`` backward, ~2x the work.
 - The filter spectrum ``rfft(k)`` is cached (:class:`KernelSpectrumCache`) when no gradient must reach ``k``
   (eval / ``no_grad``), keyed by the tensor, its in-place version counter and the FFT geometry. Frequency-sparse
   spectra are stored cut to their kept bins, and the product is cut too: ``irfft`` of the shorter spectrum at
@@ -29,22 +35,25 @@ import torch.nn.functional as F
 
 from .reference import compute_dtype, effective_kernel_len, kept_bins, next_power_of_two, sparse_fft_size
 
-__all__ = ["DIRECT_MAX_TAPS", "SPECTRUM_CACHE", "KernelSpectrumCache", "dense_fft_size", "fast_fft_size",
-           "fft_conv_cpu"]
+__all__ = ["DIRECT_MAX_TAPS", "DIRECT_MAX_TAPS_GRAD", "SPECTRUM_CACHE", "KernelSpectrumCache", "dense_fft_size",
+           "fast_fft_size", "fft_conv_cpu"]
 
 DIRECT_MAX_TAPS = 32
-"""Dense calls with at most this many taps (after cutting to ``seq``) run ``F.conv1d`` instead of the FFT."""
+"""Dense calls with at most this many taps (after cutting to ``seq``) run ``F.conv1d`` instead of the FFT..."""
+DIRECT_MAX_TAPS_GRAD = 16
+"""... or this many when a gradient is needed (the depthwise ``conv1d`` backward is slow)."""
 
 
 @functools.lru_cache(maxsize=None)
 def fast_fft_size(n: int) -> int:
-    """The smallest ``2^a 3^b 5^c >= n`` (``n >= 1``): sizes pocketfft/MKL transform at power-of-two speed."""
-    best = next_power_of_two(n)
+    """The smallest even ``2^a 3^b 5^c >= n`` (``a >= 1``): sizes pocketfft/MKL transform at power-of-two speed
+    (odd ones run ~2.5x slower, module docstring)."""
+    best = max(2, next_power_of_two(n))
     odd5 = 1
     while odd5 < best:
         odd = odd5
         while odd < best:
-            size = odd
+            size = 2 * odd
             while size < n:
                 size *= 2
             best = min(best, size)
@@ -58,9 +67,9 @@ def dense_fft_size(seq: int, taps: int) -> int:
     return fast_fft_size(seq + taps - 1)
 
 
-def _rfft(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """``rfft(x, n_fft)`` along the last dim, zero-padding explicitly (the fast path, module docstring)."""
-    return torch.fft.rfft(F.pad(x, (0, n_fft - x.shape[-1])))
+def _rfft(x: torch.Tensor, n_fft: int, bins: int) -> torch.Tensor:
+    """The lowest ``bins`` bins of ``rfft(x, n_fft)`` along the last dim: ``[..., length]`` -> ``[..., bins]``."""
+    return torch.fft.rfft(x, n=n_fft)[..., :bins]
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class KernelSpectrumCache:
     ``optimizer.step()`` or ``load_state_dict`` bump it). An entry goes when its ``k`` is freed, or when more
     than ``max_entries`` are held (least recently used first). Only calls where no gradient must reach ``k``
     use it, and never inference-mode tensors (they have no version counter). ``hits`` and ``misses`` count
-    the cached lookups.
+    the cached lookups. The caller keeps calls whose ``k`` needs a gradient away from it.
     """
 
     def __init__(self, max_entries: int = 64) -> None:
@@ -98,8 +107,8 @@ class KernelSpectrumCache:
     def spectrum(self, k: torch.Tensor, taps: int, n_fft: int, bins: int, dtype: torch.dtype) -> torch.Tensor:
         """``rfft(k[:, :taps] in dtype, n_fft)[:, :bins]``: ``k [channels, >= taps]`` -> ``[channels, bins]``
         complex, from the cache when allowed (class docstring)."""
-        if (torch.is_grad_enabled() and k.requires_grad) or k.is_inference():
-            return _rfft(k[:, :taps].to(dtype), n_fft)[:, :bins]
+        if k.is_inference():
+            return _rfft(k[:, :taps].to(dtype), n_fft, bins)
         key = (id(k), taps, n_fft, bins, dtype)
         entry = self._entries.get(key)
         if entry is not None and entry.kernel() is k and entry.version == k._version:
@@ -108,7 +117,7 @@ class KernelSpectrumCache:
             return entry.spectrum
         self.misses += 1
         with torch.no_grad():
-            spectrum = _rfft(k[:, :taps].to(dtype), n_fft)[:, :bins].contiguous()
+            spectrum = _rfft(k[:, :taps].to(dtype), n_fft, bins).contiguous()
         entries = self._entries
         entries[key] = _Entry(weakref.ref(k, lambda _dead: entries.pop(key, None)), k._version, spectrum)
         entries.move_to_end(key)
@@ -127,18 +136,52 @@ def _direct(u: torch.Tensor, k: torch.Tensor, taps: int, dtype: torch.dtype) -> 
     return F.conv1d(F.pad(u.to(dtype), (taps - 1, 0)), weight, groups=u.shape[1])
 
 
-def _spectral(u: torch.Tensor, spectrum: torch.Tensor, n_fft: int, dtype: torch.dtype) -> torch.Tensor:
-    """``irfft(rfft(u, n_fft)[..., :bins] * spectrum, n_fft)[..., :N]`` for ``u [B, C, N]``, ``spectrum [C, bins]``."""
-    product = _rfft(u.to(dtype), n_fft)[..., :spectrum.shape[-1]]
-    if torch.is_grad_enabled() and (product.requires_grad or spectrum.requires_grad):
-        product = product * spectrum
-    else:
-        product.mul_(spectrum)  # nothing to differentiate: reuse the transform's buffer
-    return torch.fft.irfft(product, n=n_fft)[..., :u.shape[-1]]
+class _SpectralConv(torch.autograd.Function):
+    """``y = irfft(rfft(u, n)[..., :bins] * K, n)[..., :N]`` with ``K = rfft(k, n)[:, :bins]`` (or a given
+    ``spectrum``), and its exact backward: with ``DY = rfft(dy, n)[..., :bins]``,
+    ``du = irfft(DY * conj(K), n)[..., :N]`` and ``dk = irfft(sum_b DY * conj(U), n)[..., :taps]`` (circular
+    correlations; ``n >= N + taps - 1`` keeps them free of wrap-around, and the kept-bin mask is symmetric)."""
+
+    @staticmethod
+    def forward(ctx, u, k, spectrum, n_fft, bins):
+        """``u [B, C, N]``; ``k [C, taps]`` (differentiated) or None with ``spectrum [C, bins]`` (a frozen filter);
+        all in the math dtype."""
+        if spectrum is None:
+            spectrum = _rfft(k, n_fft, bins)
+        transform = _rfft(u, n_fft, bins)
+        ctx.n_fft, ctx.seq, ctx.taps = n_fft, u.shape[-1], None if k is None else k.shape[-1]
+        ctx.save_for_backward(transform if ctx.needs_input_grad[1] else None, spectrum)
+        if ctx.needs_input_grad[1]:
+            product = transform * spectrum
+        else:
+            product = transform.mul_(spectrum)  # not saved: reuse the transform's buffer
+        # a copy: the view would keep the whole n_fft-long buffer alive with y
+        return torch.fft.irfft(product, n=n_fft)[..., :ctx.seq].contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        transform, spectrum = ctx.saved_tensors
+        grad = _rfft(dy, ctx.n_fft, spectrum.shape[-1])
+        du = dk = None
+        if ctx.needs_input_grad[0]:
+            du = torch.fft.irfft(grad * spectrum.conj(), n=ctx.n_fft)[..., :ctx.seq]
+        if ctx.needs_input_grad[1]:
+            dk = torch.fft.irfft((grad * transform.conj()).sum(0), n=ctx.n_fft)[..., :ctx.taps]
+        return du, dk, None, None, None
+
+
+def _spectral(u: torch.Tensor, k: torch.Tensor, taps: int, n_fft: int, bins: int, dtype: torch.dtype,
+              cache: KernelSpectrumCache) -> torch.Tensor:
+    """``u [B, C, N]`` convolved with ``k[:, :taps]`` through ``n_fft``-point transforms keeping ``bins`` bins,
+    in ``dtype``; the filter spectrum comes from ``cache`` unless a gradient must reach ``k``."""
+    if torch.is_grad_enabled() and k.requires_grad:
+        return _SpectralConv.apply(u.to(dtype), k[:, :taps].to(dtype), None, n_fft, bins)
+    return _SpectralConv.apply(u.to(dtype), None, cache.spectrum(k, taps, n_fft, bins, dtype), n_fft, bins)
 
 
 def fft_conv_cpu(u: torch.Tensor, k: torch.Tensor, kernel_len: int, keep_frequencies: float | None = None,
-                 cache: KernelSpectrumCache = SPECTRUM_CACHE, direct_max_taps: int = DIRECT_MAX_TAPS,
+                 cache: KernelSpectrumCache = SPECTRUM_CACHE, direct_max_taps: int | None = None,
                  ) -> torch.Tensor:
     """Causal (optionally frequency-sparse) convolution, inputs checked by :func:`~.reference.check_inputs`.
 
@@ -148,7 +191,8 @@ def fft_conv_cpu(u: torch.Tensor, k: torch.Tensor, kernel_len: int, keep_frequen
         keep_frequencies: fraction of the lowest filter bins kept at ``n_fft = 2 * next_power_of_two(seq)``, or
             None (dense).
         cache: where filter spectra are reused (``SPECTRUM_CACHE``).
-        direct_max_taps: dense calls with at most this many effective taps run ``F.conv1d``.
+        direct_max_taps: dense calls with at most this many effective taps run ``F.conv1d``; None:
+            :data:`DIRECT_MAX_TAPS`, or :data:`DIRECT_MAX_TAPS_GRAD` when a gradient is needed.
 
     Returns ``y [batch, channels, seq]`` in u's dtype, computed in float32 (float64 if an input is float64).
     """
@@ -159,10 +203,11 @@ def fft_conv_cpu(u: torch.Tensor, k: torch.Tensor, kernel_len: int, keep_frequen
         n_fft = sparse_fft_size(seq)
         bins = kept_bins(keep_frequencies, n_fft)
         if bins < n_fft // 2 + 1:
-            y = _spectral(u, cache.spectrum(k, taps, n_fft, bins, dtype), n_fft, dtype)
-            return y.to(u.dtype)
+            return _spectral(u, k, taps, n_fft, bins, dtype, cache).to(u.dtype)
+    if direct_max_taps is None:
+        needs_grad = torch.is_grad_enabled() and (u.requires_grad or k.requires_grad)
+        direct_max_taps = DIRECT_MAX_TAPS_GRAD if needs_grad else DIRECT_MAX_TAPS
     if taps <= direct_max_taps:
         return _direct(u, k, taps, dtype).to(u.dtype)
     n_fft = dense_fft_size(seq, taps)
-    y = _spectral(u, cache.spectrum(k, taps, n_fft, n_fft // 2 + 1, dtype), n_fft, dtype)
-    return y.to(u.dtype)
+    return _spectral(u, k, taps, n_fft, n_fft // 2 + 1, dtype, cache).to(u.dtype)

@@ -63,10 +63,10 @@ def _check_tensor(name: str, value, dims: int, shape_hint: str) -> None:
     if not value.is_floating_point():
         raise TypeError(f"fft_conv: {name} must be a floating-point tensor, got {value.dtype}; cast it with "
                         ".float().")
-    if value.dim() != dims or 0 in value.shape[1:]:
-        raise ValueError(f"fft_conv: {name} must be a {dims}-D tensor {shape_hint} with non-empty sizes after the "
-                         f"first, got shape {tuple(value.shape)}; a [batch, seq, channels] input needs "
-                         ".transpose(1, 2).")
+    if value.dim() != dims or 0 in value.shape:
+        raise ValueError(f"fft_conv: {name} must be a {dims}-D tensor {shape_hint} with no empty size, got shape "
+                         f"{tuple(value.shape)}; a [batch, seq, channels] input needs .transpose(1, 2), and an "
+                         "empty batch has nothing to convolve.")
 
 
 def _check_kernel_len(kernel_len, taps: int) -> int:
