@@ -91,3 +91,29 @@ def machine_name() -> str:
     model = "".join(c if c.isalnum() else "-" for c in _cpu_model().lower()).strip("-")
     capability = torch.backends.cpu.get_cpu_capability().lower()
     return f"{model}-{capability}-{os.cpu_count()}c"
+
+
+PARTS = ("fwd", "fwd_bwd")
+
+
+def add_ratios(row: dict, ours: str, baselines: tuple[str, ...]) -> None:
+    """``row[f"{baseline}_over_{ours}"][part]``: the baseline's median over ours, for every timed baseline."""
+    for baseline in baselines:
+        if baseline in row:
+            row[f"{baseline}_over_{ours}"] = {
+                part: row[baseline][part]["median_ms"] / row[ours][part]["median_ms"] for part in PARTS}
+
+
+def print_ratio_row(row: dict, size_key: str, ours: str, baselines: tuple[str, ...]) -> None:
+    """One table line: ``ours``' forward and forward+backward medians and each baseline's ratio (or the failed
+    check)."""
+    if not row["checked"]:
+        print(f"{size_key}={row[size_key]:<6} CHECK FAILED (max rel error {row['rel_error']:.2e})", flush=True)
+        return
+    cells = [f"{size_key}={row[size_key]:<6}"]
+    for part in PARTS:
+        cells.append(f"{part:>7} {ours} {row[ours][part]['median_ms']:9.2f} ms")
+        for baseline in baselines:
+            ratio = row.get(f"{baseline}_over_{ours}", {}).get(part)
+            cells.append(f"{baseline}/{ours} {ratio:6.2f}x" if ratio else f"{baseline}/{ours}      -")
+    print("  ".join(cells) + f"  (busy {row[ours]['fwd']['other_cores_busy']})", flush=True)

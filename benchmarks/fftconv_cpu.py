@@ -34,7 +34,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
+from benchmarks._timing import add_ratios, machine_name, pinned_threads, print_ratio_row, time_fn  # noqa: E402
 from hf_plugins.kernels.fftconv.cpu import KernelSpectrumCache, fft_conv_cpu  # noqa: E402
 from hf_plugins.kernels.fftconv.reference import fft_conv_spectral_reference  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
@@ -109,24 +109,8 @@ def run(seq: int, args: argparse.Namespace) -> dict:
     row["torch_fft"] = timed(torch_fft_conv, baseline_inputs)
     if seq <= args.conv1d_max_len:
         row["conv1d"] = timed(conv1d_conv, baseline_inputs)
-    for baseline in ("torch_fft", "conv1d"):
-        if baseline in row:
-            row[f"{baseline}_over_ours"] = {
-                part: row[baseline][part]["median_ms"] / row["ours"][part]["median_ms"] for part in ("fwd", "fwd_bwd")}
+    add_ratios(row, "ours", ('torch_fft', 'conv1d'))
     return row
-
-
-def print_row(row: dict) -> None:
-    if not row["checked"]:
-        print(f"N={row['N']:<6} CHECK FAILED (max rel error {row['rel_error']:.2e})", flush=True)
-        return
-    cells = [f"N={row['N']:<6}"]
-    for part in ("fwd", "fwd_bwd"):
-        cells.append(f"{part:>7} ours {row['ours'][part]['median_ms']:9.2f} ms")
-        for baseline in ("torch_fft", "conv1d"):
-            ratio = row.get(f"{baseline}_over_ours", {}).get(part)
-            cells.append(f"{baseline}/ours {ratio:6.2f}x" if ratio else f"{baseline}/ours      -")
-    print("  ".join(cells) + f"  (busy {row['ours']['fwd']['other_cores_busy']})", flush=True)
 
 
 def main() -> None:
@@ -146,7 +130,7 @@ def main() -> None:
     with pinned_threads(args.threads):
         for seq in args.lengths:
             rows.append(run(seq, args))
-            print_row(rows[-1])
+            print_ratio_row(rows[-1], "N", "ours", ('torch_fft', 'conv1d'))
     if args.no_save:
         return
     name = f"fftconv_cpu-{datetime.date.today()}-{machine_name()}.json"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
+from benchmarks._timing import add_ratios, machine_name, pinned_threads, print_ratio_row, time_fn  # noqa: E402
 from hf_plugins.kernels.gla.cpu import chunk_gla_cpu  # noqa: E402
 from hf_plugins.kernels.gla.reference import gla_recurrence_reference  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
@@ -95,24 +95,8 @@ def run(seq: int, args: argparse.Namespace) -> dict:
     row["sdpa"] = timed(sdpa_fn, inputs)
     if seq <= args.naive_max_len:
         row["naive"] = timed(lambda x: gla_fn(gla_recurrence_reference, x), inputs)
-    for baseline in ("sdpa", "naive"):
-        if baseline in row:
-            row[f"{baseline}_over_chunk"] = {
-                part: row[baseline][part]["median_ms"] / row["chunk"][part]["median_ms"] for part in ("fwd", "fwd_bwd")}
+    add_ratios(row, "chunk", ('sdpa', 'naive'))
     return row
-
-
-def print_row(row: dict) -> None:
-    if not row["checked"]:
-        print(f"T={row['T']:<6} CHECK FAILED (max rel error {row['rel_error']:.2e})", flush=True)
-        return
-    cells = [f"T={row['T']:<6}"]
-    for part in ("fwd", "fwd_bwd"):
-        cells.append(f"{part:>7} chunk {row['chunk'][part]['median_ms']:9.1f} ms")
-        for baseline in ("sdpa", "naive"):
-            ratio = row.get(f"{baseline}_over_chunk", {}).get(part)
-            cells.append(f"{baseline}/chunk {ratio:6.2f}x" if ratio else f"{baseline}/chunk      -")
-    print("  ".join(cells) + f"  (busy {row['chunk']['fwd']['other_cores_busy']})", flush=True)
 
 
 def main() -> None:
@@ -133,7 +117,7 @@ def main() -> None:
     with pinned_threads(args.threads):
         for seq in args.lengths:
             rows.append(run(seq, args))
-            print_row(rows[-1])
+            print_ratio_row(rows[-1], "T", "chunk", ('sdpa', 'naive'))
     if args.no_save:
         return
     name = f"gla_cpu-{datetime.date.today()}-{machine_name()}.json"

@@ -14,6 +14,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """For files of small tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): a second thread gains
+    nothing there, and stalls whenever a neighbour holds a core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

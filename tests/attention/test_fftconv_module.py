@@ -10,13 +10,7 @@ from hf_plugins.kernels.fftconv import SPECTRUM_CACHE, fft_conv_direct_reference
 from tests.kernels.test_fftconv_reference import conv_inputs
 from tests.tolerances import FLOAT_KERNEL_RTOL, assert_close_kernel, max_rel_error
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_issue_calls_match_their_oracles():

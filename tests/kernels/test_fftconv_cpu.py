@@ -27,13 +27,7 @@ from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 ROUTES = {"auto": None, "fft": 0, "direct": 1 << 30}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread gains nothing, and stalls whenever a neighbour holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cpu_fn(kernel_len: int | None = None, keep: float | None = None, route: str = "auto", cache=None):

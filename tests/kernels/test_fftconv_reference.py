@@ -21,14 +21,7 @@ from hf_plugins.kernels.fftconv.reference import (
 )
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread gains nothing, and stalls whenever a neighbour holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_inputs(batch: int, channels: int, seq: int, taps: int, seed: int) -> dict[str, torch.Tensor]:

@@ -24,13 +24,7 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(fft_triton, "_new_output", poisoned_output)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread gains nothing, and stalls whenever a neighbour holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

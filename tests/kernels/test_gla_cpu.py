@@ -24,13 +24,7 @@ LENGTHS = [1, 15, CHUNK - 1, CHUNK, CHUNK + 1, 200]
 HEAD_DIMS = [(16, 16), (32, 48), (64, 16)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread gains nothing, and stalls whenever a neighbour holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("key_dim", "value_dim"), HEAD_DIMS, ids=lambda d: f"d{d}")

@@ -14,13 +14,7 @@ from tests.tolerances import FLOAT_KERNEL_RTOL, assert_close_kernel, max_rel_err
 GATES = ("slow", "strong")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread gains nothing, and stalls whenever a neighbour holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gate_values(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

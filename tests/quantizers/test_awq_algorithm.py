@@ -7,9 +7,8 @@ import weakref
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 import hf_plugins
 from hf_plugins.quantizers.awq import algorithm
@@ -97,13 +96,7 @@ EXPECTED_CLIP_ROWS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls only pay thread synchronisation for more threads; one thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block_layouts(model: nn.Module, ids: torch.Tensor) -> list:
