@@ -55,7 +55,6 @@ class ImplicitFilter(nn.Module):
         max_decay, min_decay = math.log(1e-2) / fast_decay, math.log(1e-2) / slow_decay
         self.decay = nn.Parameter(torch.linspace(min_decay, max_decay, d).repeat(count, 1))
         self.bias = nn.Parameter(torch.randn(count, d))
-        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def features(self, length: int, device, dtype) -> torch.Tensor:
         """``[length, emb_dim]``: normalised time and sine/cosine bands of it."""
@@ -66,21 +65,14 @@ class ImplicitFilter(nn.Module):
         return torch.cat([t, torch.cos(angle), torch.sin(angle)], dim=-1)
 
     def forward(self, length: int) -> torch.Tensor:
-        """Filters ``[count, d, length]`` (``length <= self.length``); reused while the parameters do not change
-        outside training (decoding asks for them every token)."""
+        """Filters ``[count, d, length]`` (``length <= self.length``)."""
         if length > self.length:
             raise ValueError(f"ImplicitFilter was built for {self.length} taps, asked for {length}.")
-        key = (length, self.training, *(p._version for p in self.parameters()))
-        if self._cached is not None and self._cached[0] == key and not torch.is_grad_enabled():
-            return self._cached[1]
         weight = self.decay
         z = self.features(length, weight.device, weight.dtype)
         h = self.mlp(z).T.reshape(self.count, self.d, length)
         t = torch.linspace(0, 1, self.length, device=weight.device, dtype=weight.dtype)[:length]
-        h = h * torch.exp(self.decay.abs().neg()[..., None] * t)
-        if not torch.is_grad_enabled():
-            self._cached = (key, h)
-        return h
+        return h * torch.exp(self.decay.abs().neg()[..., None] * t)
 
 
 class HyenaOperator(nn.Module):
@@ -131,7 +123,10 @@ class HyenaOperator(nn.Module):
         signals = self.short(torch.cat([tail, projected], dim=-1))
         *gates, v = signals.split(self.d, dim=1)
         past = layer.get_seq_length() if layer is not None else 0
-        filters = self.filter(min(past + tokens, self.max_len))
+        taps = min(past + tokens, self.max_len)
+        # A cache computes the filters once per generation (decoding would otherwise rerun the filter network over
+        # the whole context for every token); without one they follow the parameters, as training needs.
+        filters = self.filter(taps) if layer is None else layer.filters(lambda: self.filter(self.max_len))[..., :taps]
         for step, gate in enumerate(reversed(gates[1:])):
             v = self._long_conv(v * gate, filters[step], self.filter.bias[step], layer, step)
         y = v * gates[0]
@@ -140,16 +135,18 @@ class HyenaOperator(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _long_conv(self, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, layer, index: int) -> torch.Tensor:
-        """``h * v + bias v`` over the whole history: ``v [batch, d, new]``, ``h [d, taps]``."""
+        """``h * v + bias v`` over the whole history: ``v [batch, d, new]``, ``h [d, taps]``; in ``v``'s dtype (the
+        filter network may be fp32 under bf16 activations)."""
+        skip = v * bias[:, None].to(v.dtype)
         if layer is None:
-            return fft_conv(v, h, keep_frequencies=self.keep_frequencies) + v * bias[:, None]
+            return fft_conv(v, h, keep_frequencies=self.keep_frequencies) + skip
         history = layer.extend(index, v)  # [batch, d, past + new]
         new = v.shape[-1]
         if history.shape[-1] == new:  # prefill: one FFT convolution
             out = fft_conv(v, h, keep_frequencies=self.keep_frequencies)
         else:  # decoding: each new output is one dot product with the filter over the history
             out = _causal_tail(history, h, new)
-        return out + v * bias[:, None]
+        return out + skip
 
 
 def _causal_tail(history: torch.Tensor, h: torch.Tensor, new: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ class HyenaStateLayer(BatchMappedLayer, CacheLayerMixin):
         super().__init__()
         self.projected: torch.Tensor | None = None
         self.inputs: dict[int, torch.Tensor] = {}
+        self._filters: torch.Tensor | None = None
 
     def lazy_initialization(self, *args, **kwargs) -> None:
         self.is_initialized = True
@@ -46,6 +47,13 @@ class HyenaStateLayer(BatchMappedLayer, CacheLayerMixin):
             return new.new_zeros(*new.shape[:-1], width)
         tail = self.projected[..., max(0, self.projected.shape[-1] - width):]
         return torch.cat([new.new_zeros(*new.shape[:-1], width - tail.shape[-1]), tail], dim=-1) if width else tail
+
+    def filters(self, compute) -> torch.Tensor:
+        """The operator's long filters for this generation: ``compute()`` on the first call, then the same tensor
+        (the parameters do not change while a cache is in use)."""
+        if self._filters is None:
+            self._filters = compute().detach()
+        return self._filters
 
     def extend(self, index: int, new: torch.Tensor) -> torch.Tensor:
         """Append ``new [batch, d, tokens]`` to long convolution ``index``'s history and return all of it."""
@@ -88,7 +96,7 @@ class HyenaStateLayer(BatchMappedLayer, CacheLayerMixin):
             self._map(lambda t: t.to(device, non_blocking=True))
 
     def reset(self) -> None:
-        self.projected, self.inputs = None, {}
+        self.projected, self.inputs, self._filters = None, {}, None
         self.is_initialized = False
 
 

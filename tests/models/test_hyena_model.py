@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import HyenaCache, HyenaConfig, HyenaForCausalLM
-from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
+from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error, sqnr_db
 
 VOCAB = 96
 
@@ -140,3 +140,25 @@ def test_a_hyena_model_refuses_another_cache():
         model(ids(1, 4), cache=DynamicCache(), use_cache=True)
     assert isinstance(model(ids(1, 4)).cache, HyenaCache)
     assert hf_plugins.HyenaConfig is HyenaConfig
+
+
+def test_awq_quantizes_a_hyena_model_but_not_its_filter_networks(tmp_path):
+    model = tiny_hyena(dtype=torch.float32, hidden_size=128, intermediate_size=256)
+    prompt = ids(2, 16)
+    reference = model(prompt).logits
+    hf_plugins.quantize(model, hf_plugins.AwqConfig(bits=4, group_size=32, calibration_samples=4,
+                                                    calibration_seq_len=32), calibration_data=ids(4, 32, seed=7))
+    mixer = model.model.layers[0].mixer
+    assert isinstance(mixer.in_proj, hf_plugins.AwqLinear) and type(mixer.filter.mlp[0]) is torch.nn.Linear
+    quantized = model(prompt).logits
+    assert sqnr_db(quantized, reference) > 12  # 19.0 dB measured
+    model.save_pretrained(tmp_path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(prompt).logits, quantized)
+
+
+def test_bf16_loading_keeps_the_filter_networks_in_fp32(tmp_path):
+    tiny_hyena(dtype=torch.float32).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.model.layers[0].mixer.in_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mixer.filter.mlp[0].weight.dtype == torch.float32
+    assert torch.isfinite(model(ids(1, 8)).logits).all()

@@ -46,6 +46,9 @@ class HyenaPreTrainedModel(PreTrainedModel):
     config_class = HyenaConfig
     base_model_prefix = "model"
     _no_split_modules = ["HyenaBlock"]
+    # The implicit filter networks stay fp32 (also under bf16) and unquantized: sine features of positions need the
+    # precision.
+    _keep_in_fp32_modules_strict = ["filter"]
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -30,10 +31,13 @@ def linears_to_quantize(model: nn.Module, skip: list[str]) -> list[str]:
 
 
 def resolve_skipped_modules(model, config: AwqConfig) -> list[str]:
-    """The user's skips plus transformers' defaults (output embedding, tied weights, last module)."""
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None)
+    """The user's skips plus transformers' defaults (output embedding, tied weights, last module) and the model's
+    fp32 modules, matched at any depth (``"filter"`` keeps ``model.layers.3.mixer.filter.*``)."""
+    keep_fp32 = {*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+                 *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())}
+    anywhere = [rf"(?:.*\.)?{re.escape(name)}" for name in sorted(keep_fp32)]
     return HfQuantizer.get_modules_to_not_convert(
-        model, config.modules_to_not_convert, keep_fp32, add_default_skips=True
+        model, config.modules_to_not_convert, anywhere or None, add_default_skips=True
     )
 
 
