@@ -8,13 +8,17 @@ slice when a neighbour is busy.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -117,3 +121,41 @@ def print_ratio_row(row: dict, size_key: str, ours: str, baselines: tuple[str, .
             ratio = row.get(f"{baseline}_over_{ours}", {}).get(part)
             cells.append(f"{baseline}/{ours} {ratio:6.2f}x" if ratio else f"{baseline}/{ours}      -")
     print("  ".join(cells) + f"  (busy {row[ours]['fwd']['other_cores_busy']})", flush=True)
+
+
+def fwd_and_fwd_bwd(forward_only: Callable[[], object], forward_backward: Callable[[], object]) -> dict[str, dict]:
+    """The ``{"fwd": .., "fwd_bwd": ..}`` timings a ratio row holds."""
+    return {"fwd": time_fn(forward_only).as_dict(), "fwd_bwd": time_fn(forward_backward).as_dict()}
+
+
+def sweep_parser(doc: str, lengths: list[int]) -> argparse.ArgumentParser:
+    """The flags every length-sweep kernel benchmark has: ``--threads``, ``--lengths``, ``--batch`` and
+    ``--out`` / ``--no-save``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    parser.add_argument("--batch", type=int, default=1)
+    saving = parser.add_mutually_exclusive_group()
+    saving.add_argument("--out", type=Path, default=None)
+    saving.add_argument("--no-save", action="store_true", help="print the table only (smoke runs)")
+    return parser
+
+
+def sweep_and_save(name: str, args: argparse.Namespace, run: Callable[[int, argparse.Namespace], dict],
+                   size_key: str, ours: str, baselines: tuple[str, ...], config_keys: tuple[str, ...],
+                   results: Path) -> None:
+    """Run ``run(length, args)`` for every ``--lengths`` under pinned threads, print each ratio row, and write
+    ``{name}-{date}-{machine}.json`` to ``--out`` or ``results`` (nothing with ``--no-save``)."""
+    rows = []
+    with pinned_threads(args.threads):
+        for length in args.lengths:
+            rows.append(run(length, args))
+            print_ratio_row(rows[-1], size_key, ours, baselines)
+    if args.no_save:
+        return
+    today = str(datetime.date.today())
+    out = args.out or results / f"{name}-{today}-{machine_name()}.json"
+    config = {key: getattr(args, key) for key in ("batch", *config_keys)}
+    out.write_text(json.dumps({"date": today, "machine": machine_name(), "threads": args.threads,
+                               "torch": torch.__version__, "config": config, "rows": rows}, indent=2))
+    print(f"wrote {out}")

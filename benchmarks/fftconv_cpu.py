@@ -23,8 +23,6 @@ frequency-sparse convolution (checked against its own oracle); the baselines sta
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import add_ratios, machine_name, pinned_threads, print_ratio_row, time_fn  # noqa: E402
+from benchmarks._timing import add_ratios, fwd_and_fwd_bwd, sweep_and_save, sweep_parser  # noqa: E402
 from hf_plugins.kernels.fftconv.cpu import KernelSpectrumCache, fft_conv_cpu  # noqa: E402
 from hf_plugins.kernels.fftconv.reference import fft_conv_spectral_reference  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
@@ -89,7 +87,7 @@ def timed(forward, inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
         with torch.no_grad():
             forward(u, k)
 
-    return {"fwd": time_fn(forward_only).as_dict(), "fwd_bwd": time_fn(lambda: gradients(forward, u, k, dy)).as_dict()}
+    return fwd_and_fwd_bwd(forward_only, lambda: gradients(forward, u, k, dy))
 
 
 def run(seq: int, args: argparse.Namespace) -> dict:
@@ -114,31 +112,13 @@ def run(seq: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--batch", type=int, default=1)
+    parser = sweep_parser(__doc__, [1024, 4096, 16384, 65536])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--kernel-len", type=int, default=None, help="taps used (default: all N)")
     parser.add_argument("--keep-frequencies", type=float, default=None)
     parser.add_argument("--conv1d-max-len", type=int, default=16384)
-    saving = parser.add_mutually_exclusive_group()
-    saving.add_argument("--out", type=Path, default=None)
-    saving.add_argument("--no-save", action="store_true", help="print the table only (smoke runs)")
-    args = parser.parse_args()
-    rows = []
-    with pinned_threads(args.threads):
-        for seq in args.lengths:
-            rows.append(run(seq, args))
-            print_ratio_row(rows[-1], "N", "ours", ('torch_fft', 'conv1d'))
-    if args.no_save:
-        return
-    name = f"fftconv_cpu-{datetime.date.today()}-{machine_name()}.json"
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / name
-    config = {key: getattr(args, key) for key in ("batch", "channels", "kernel_len", "keep_frequencies")}
-    out.write_text(json.dumps({"date": str(datetime.date.today()), "machine": machine_name(), "threads": args.threads,
-                               "torch": torch.__version__, "config": config, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    sweep_and_save("fftconv_cpu", parser.parse_args(), run, "N", "ours", ("torch_fft", "conv1d"),
+                   ("channels", "kernel_len", "keep_frequencies"), REPO_ROOT / "benchmarks" / "results")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ Ratios are baseline time / chunk time (> 1: the chunk path is faster).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import add_ratios, machine_name, pinned_threads, print_ratio_row, time_fn  # noqa: E402
+from benchmarks._timing import add_ratios, fwd_and_fwd_bwd, sweep_and_save, sweep_parser  # noqa: E402
 from hf_plugins.kernels.gla.cpu import chunk_gla_cpu  # noqa: E402
 from hf_plugins.kernels.gla.reference import gla_recurrence_reference  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
@@ -79,10 +77,7 @@ def timed(forward, inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
         with torch.no_grad():
             forward(inputs)
 
-    def forward_backward():
-        gradients(forward, inputs)
-
-    return {"fwd": time_fn(forward_only).as_dict(), "fwd_bwd": time_fn(forward_backward).as_dict()}
+    return fwd_and_fwd_bwd(forward_only, lambda: gradients(forward, inputs))
 
 
 def run(seq: int, args: argparse.Namespace) -> dict:
@@ -100,32 +95,14 @@ def run(seq: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--batch", type=int, default=1)
+    parser = sweep_parser(__doc__, [512, 1024, 2048, 4096, 8192])
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--key-dim", type=int, default=64)
     parser.add_argument("--value-dim", type=int, default=64)
     parser.add_argument("--naive-max-len", type=int, default=2048)
     parser.add_argument("--check-len", type=int, default=256)
-    saving = parser.add_mutually_exclusive_group()
-    saving.add_argument("--out", type=Path, default=None)
-    saving.add_argument("--no-save", action="store_true", help="print the table only (smoke runs)")
-    args = parser.parse_args()
-    rows = []
-    with pinned_threads(args.threads):
-        for seq in args.lengths:
-            rows.append(run(seq, args))
-            print_ratio_row(rows[-1], "T", "chunk", ('sdpa', 'naive'))
-    if args.no_save:
-        return
-    name = f"gla_cpu-{datetime.date.today()}-{machine_name()}.json"
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / name
-    config = {key: getattr(args, key) for key in ("batch", "heads", "key_dim", "value_dim")}
-    out.write_text(json.dumps({"date": str(datetime.date.today()), "machine": machine_name(), "threads": args.threads,
-                               "torch": torch.__version__, "config": config, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    sweep_and_save("gla_cpu", parser.parse_args(), run, "T", "chunk", ("sdpa", "naive"),
+                   ("heads", "key_dim", "value_dim"), REPO_ROOT / "benchmarks" / "results")
 
 
 if __name__ == "__main__":

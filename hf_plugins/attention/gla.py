@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.gla import chunk_gla, fused_recurrent_gla
+from .cache_layers import own_layer
 from .gla_cache import GLAStateLayer, conv_tail
 
 MODES = ("auto", "chunk", "recurrent")
@@ -113,10 +114,7 @@ class GatedLinearAttention(nn.Module):
             cache: a ``GLACache`` (this layer's :class:`GLAStateLayer` at ``layer_idx``) or None.
         """
         batch, tokens, _ = hidden_states.shape
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        if layer is not None and not isinstance(layer, GLAStateLayer):
-            raise TypeError(f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a GLA model needs a "
-                            "GLACache (generate creates one).")
+        layer = own_layer(cache, self.layer_idx, GLAStateLayer, "GLACache")
         state, tail = layer.read() if layer is not None else (None, None)
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
         keep = None if attention_mask is None else attention_mask[:, -tokens:, None].to(qkv.dtype)

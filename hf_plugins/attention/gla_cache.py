@@ -146,15 +146,6 @@ class GLAStateLayer(BatchMappedLayer, CacheLayerMixin):
         self.conv_tail = None if self.conv_tail is None else fn(self.conv_tail)
         self._since = None if self._since is None else self._since.map(fn)
 
-    def offload(self) -> None:
-        self._device = None if self.state is None else self.state.device
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        device = getattr(self, "_device", None)
-        if device is not None:
-            self._map(lambda t: t.to(device, non_blocking=True))
-
     def reset(self) -> None:
         self.state, self.conv_tail, self._since = None, None, None
         self.tokens = 0
@@ -182,7 +173,4 @@ class GLACache(Cache):
         attention = set(getattr(config, "attn_layers", None) or ())
         super().__init__(layers=[DynamicLayer() if i in attention else GLAStateLayer(max_rollback_tokens)
                                  for i in range(config.num_hidden_layers)])
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..kernels.fftconv import fft_conv
+from .cache_layers import own_layer
 from .hyena_cache import HyenaStateLayer
 
 
@@ -109,10 +110,7 @@ class HyenaOperator(nn.Module):
             cache: a ``HyenaCache`` (this operator's :class:`HyenaStateLayer` at ``layer_idx``) or None.
         """
         batch, tokens, _ = hidden_states.shape
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        if layer is not None and not isinstance(layer, HyenaStateLayer):
-            raise TypeError(f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a Hyena model needs a "
-                            "HyenaCache (generate creates one).")
+        layer = own_layer(cache, self.layer_idx, HyenaStateLayer, "HyenaCache")
         projected = self.in_proj(hidden_states).transpose(1, 2)  # [batch, (order + 1) d, seq]
         if attention_mask is not None:
             projected = projected * attention_mask[:, None, -tokens:].to(projected.dtype)

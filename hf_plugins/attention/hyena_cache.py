@@ -86,15 +86,6 @@ class HyenaStateLayer(BatchMappedLayer, CacheLayerMixin):
         self.projected = None if self.projected is None else fn(self.projected)
         self.inputs = {i: fn(t) for i, t in self.inputs.items()}
 
-    def offload(self) -> None:
-        self._device = None if self.projected is None else self.projected.device
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        device = getattr(self, "_device", None)
-        if device is not None:
-            self._map(lambda t: t.to(device, non_blocking=True))
-
     def reset(self) -> None:
         self.projected, self.inputs, self._filters = None, {}, None
         self.is_initialized = False
@@ -109,6 +100,3 @@ class HyenaCache(Cache):
 
     def __init__(self, config) -> None:
         super().__init__(layers=[HyenaStateLayer() for _ in range(config.num_hidden_layers)])
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0

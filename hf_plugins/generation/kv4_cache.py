@@ -170,12 +170,6 @@ class KV4Layer(BatchMappedLayer, DynamicLayer):
         if tokens_to_remove:
             self._map(lambda t: t[..., :tokens_to_remove, :], per_token=False)
 
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map(lambda t: t.to(self.device, non_blocking=True))
-
     def reset(self) -> None:
         self.parts = {}
         self.is_initialized = False

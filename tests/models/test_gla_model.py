@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import GatedLinearAttention, GLACache, GLAConfig, GLAForCausalLM
+from tests.models.lm_checks import greedy_by_recomputation, training_losses
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error, sqnr_db
 
 VOCAB = 96
@@ -98,11 +99,7 @@ def test_generate_with_cache_equals_recomputation(variant):
     prompt = ids(2, 9, seed=2)
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
                                pad_token_id=0)
-    recomputed = prompt
-    for _ in range(10):
-        step = model(recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        recomputed = torch.cat([recomputed, step], dim=1)
-    assert torch.equal(generated, recomputed)
+    assert torch.equal(generated, greedy_by_recomputation(model, prompt, 10))
 
 
 @pytest.mark.parametrize("variant", ["gla-conv", "hybrid"])
@@ -180,18 +177,7 @@ def test_save_and_reload_through_the_auto_classes(tmp_path):
 
 
 def test_training_step_reduces_the_loss():
-    model = tiny_gla("hybrid", dtype=torch.float32).train()
-    batch = ids(4, 40, seed=6)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(5):
-        loss = model(batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = training_losses(tiny_gla("hybrid", dtype=torch.float32).train(), ids(4, 40, seed=6))
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -213,6 +199,6 @@ def test_a_gla_model_refuses_a_key_value_cache():
     from transformers import DynamicCache
 
     model = tiny_gla()
-    with pytest.raises(TypeError, match="a GLA model needs a GLACache, got DynamicCache"):
+    with pytest.raises(TypeError, match="GLAModel needs a GLACache, got DynamicCache"):
         model(ids(1, 4), cache=DynamicCache(), use_cache=True)
     assert isinstance(model(ids(1, 4)).cache, GLACache)

@@ -14,11 +14,10 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ...attention.gla import GatedLinearAttention, HeadRMSNorm
 from ...attention.gla_cache import GLACache
-from .._own_cache import OwnCacheMixin
+from .._stack import BlockStackMixin, StackCausalLMMixin
 from .configuration import GLAConfig
 
 
@@ -117,80 +116,20 @@ class GLAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
 
-class GLAModel(GLAPreTrainedModel):
-    def __init__(self, config: GLAConfig) -> None:
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(GLABlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = GLARMSNorm(config.hidden_size, config.norm_eps)
-        self.gradient_checkpointing = False
-        self.post_init()
+class GLAModel(BlockStackMixin, GLAPreTrainedModel):
+    block_class = GLABlock
+    norm_class = GLARMSNorm
+    cache_class = GLACache
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: GLACache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
-        """``input_ids [batch, seq]`` (or ``inputs_embeds [batch, seq, hidden]``) -> hidden states; ``attention_mask
-        [batch, past + seq]`` marks left padding with 0."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("GLAModel needs exactly one of input_ids and inputs_embeds.")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = GLACache(self.config)
-        if cache is not None and not isinstance(cache, GLACache):
-            raise TypeError(f"a GLA model needs a GLACache, got {type(cache).__name__}; let generate create it or "
-                            "pass hf_plugins.GLACache(model.config).")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: the kernels skip the masking work
+    def block_inputs(self, hidden_states: torch.Tensor, cache: GLACache | None,
+                     position_ids: torch.LongTensor | None) -> dict:
+        """The hybrid softmax blocks' RoPE positions (default: after the cached tokens)."""
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + hidden_states.shape[1], device=hidden_states.device)[None]
             position_ids = position_ids.expand(hidden_states.shape[0], -1)
-        all_hidden = [] if output_hidden_states else None
-        for block in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            hidden_states = block(hidden_states, attention_mask=attention_mask, cache=cache, positions=position_ids)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None,
-                                       hidden_states=None if all_hidden is None else tuple(all_hidden))
+        return {"positions": position_ids}
 
 
-class GLAForCausalLM(OwnCacheMixin, GLAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GLAConfig) -> None:
-        super().__init__(config)
-        self.model = GLAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: GLACache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
-        """Logits ``[batch, seq or logits_to_keep, vocab]``; with ``labels [batch, seq]`` also the next-token loss
-        (labels -100 are ignored)."""
-        out = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
-                         output_hidden_states)
-        hidden = out.last_hidden_state
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, kept])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
-
-    def new_cache(self) -> GLACache:
-        """An empty cache for this model (also what our speculative decoding gives a GLA draft)."""
-        return GLACache(self.config)
+class GLAForCausalLM(StackCausalLMMixin, GLAPreTrainedModel, GenerationMixin):
+    base_model_class = GLAModel
