@@ -21,6 +21,7 @@ from hf_plugins.kernels.fftconv.cpu import (
     fast_fft_size,
     fft_conv_cpu,
 )
+from hf_plugins.kernels.fftconv.reference import fft_conv_spectral_reference
 from tests.kernels.test_fftconv_reference import assert_all_close, conv_inputs, forward_backward, oracle
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
 
@@ -207,6 +208,25 @@ def test_dispatch_runs_every_cpu_backend_on_the_same_numbers():
         for backend in (None, "cpu"):
             got = fft_conv(u, k, keep_frequencies=keep, backend=backend)
             assert max_rel_error(got, expected) <= FLOAT_KERNEL_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("keep", [None, 0.5], ids=["dense", "keep0.5"])
+def test_gates_multiply_the_input_and_the_output_with_gradients(keep):
+    inputs = conv_inputs(3, 2, 300, 300, seed=12)
+    generator = torch.Generator().manual_seed(12)
+    pre, post = (torch.randn(3, 2, 300, generator=generator, dtype=torch.float64) for _ in range(2))
+    leaves = {name: value.clone().requires_grad_() for name, value in
+              (("u", inputs["u"]), ("k", inputs["k"]), ("pre", pre), ("post", post))}
+    expected = fft_conv_spectral_reference(leaves["u"] * leaves["pre"], leaves["k"], None, keep) * leaves["post"]
+    expected.backward(inputs["dy"])
+    floats = {name: value.detach().float().requires_grad_() for name, value in leaves.items()}
+    got = fft_conv(floats["u"], floats["k"], keep_frequencies=keep, backend="cpu", pre_gate=floats["pre"],
+                   post_gate=floats["post"])
+    got.backward(inputs["dy"].float())
+    assert got.dtype == torch.float32
+    assert max_rel_error(got, expected) <= FLOAT_KERNEL_RTOL[torch.float32]
+    for name in leaves:
+        assert max_rel_error(floats[name].grad, leaves[name].grad) <= FLOAT_KERNEL_RTOL[torch.float32], name
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

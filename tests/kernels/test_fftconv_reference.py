@@ -178,6 +178,11 @@ BAD_CALLS = {
     "keep_big": (lambda u, k: (u, k, {"keep_frequencies": 1.5}), ValueError, r"got 1.5"),
     "keep_str": (lambda u, k: (u, k, {"keep_frequencies": "0.5"}), TypeError, "keep_frequencies must be a float"),
     "backend": (lambda u, k: (u, k, {"backend": "cuda"}), ValueError, "backend must be one of"),
+    "pre_gate_shape": (lambda u, k: (u, k, {"pre_gate": u[:, :1]}), ValueError,
+                       r"pre_gate must have u's shape \[2, 3, 10\] \[batch, channels, seq\], got \[2, 1, 10\]"),
+    "post_gate_integer": (lambda u, k: (u, k, {"post_gate": u.long()}), TypeError,
+                          "post_gate must be a floating-point tensor like u or None, got torch.int64"),
+    "pre_gate_list": (lambda u, k: (u, k, {"pre_gate": [1.0]}), TypeError, "pre_gate must be .* got list"),
 }
 
 

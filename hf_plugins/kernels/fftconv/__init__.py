@@ -16,11 +16,12 @@ import torch
 
 from .._dispatch import choose_backend
 from .cpu import SPECTRUM_CACHE, KernelSpectrumCache, fft_conv_cpu
-from .reference import check_inputs, fft_conv_direct_reference, fft_conv_spectral_reference
+from .reference import check_gates, check_inputs, fft_conv_direct_reference, fft_conv_spectral_reference
 
 __all__ = [
     "SPECTRUM_CACHE",
     "KernelSpectrumCache",
+    "check_gates",
     "check_inputs",
     "fft_conv",
     "fft_conv_cpu",
@@ -30,12 +31,14 @@ __all__ = [
 
 
 def fft_conv(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None, keep_frequencies: float | None = None,
-             backend: str | None = None) -> torch.Tensor:
-    """Causal depthwise convolution of ``u`` with a long filter per channel.
+             backend: str | None = None, pre_gate: torch.Tensor | None = None,
+             post_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise convolution of ``u`` with a long filter per channel, optionally gated.
 
-    ``y[b, c, t] = sum_{s <= min(t, L - 1)} k[c, s] * u[b, c, t - s]`` with ``L = kernel_len``; with
-    ``keep_frequencies`` the filter keeps only the lowest ``ceil(f * bins)`` of its ``bins`` rfft bins at
-    ``n_fft = 2 * next_power_of_two(seq)`` (:mod:`.reference`).
+    ``y[b, c, t] = post[b, c, t] * sum_{s <= min(t, L - 1)} k[c, s] * (pre * u)[b, c, t - s]`` with ``L =
+    kernel_len`` (absent gates are 1; Hyena's ``x_0 * conv(x_1 * v)``); with ``keep_frequencies`` the filter keeps
+    only the lowest ``ceil(f * bins)`` of its ``bins`` rfft bins at ``n_fft = 2 * next_power_of_two(seq)``
+    (:mod:`.reference`).
 
     Args:
         u: ``[batch, channels, seq]`` float (fp32, bf16, fp16 or fp64).
@@ -44,18 +47,27 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None, ke
         kernel_len: use only the first ``kernel_len`` taps (partial convolution), in ``[1, taps]``; None: all.
         keep_frequencies: fraction in ``(0, 1]`` of the lowest filter frequencies kept; None: dense.
         backend: ``reference``, ``cpu``, ``triton`` or None (the device decides).
+        pre_gate, post_gate: ``[batch, channels, seq]`` like u, or None. The Triton kernels apply them in
+            registers (no gated copies of u or y in memory).
 
     Returns ``y [batch, channels, seq]`` in u's dtype, computed in float32 (float64 for float64 inputs).
-    Differentiable in u and k.
+    Differentiable in u, k and the gates.
     """
     kernel_len = check_inputs(u, k, kernel_len, keep_frequencies)
+    check_gates(u, pre_gate, post_gate)
     chosen = choose_backend("fftconv", u.device, backend)
-    if chosen == "reference":
-        if keep_frequencies is None:
-            return fft_conv_direct_reference(u, k, kernel_len).to(u.dtype)
-        return fft_conv_spectral_reference(u, k, kernel_len, keep_frequencies).to(u.dtype)
-    if chosen == "cpu":
-        return fft_conv_cpu(u, k, kernel_len, keep_frequencies)
-    from .triton import fft_conv_triton
+    if chosen == "triton":
+        from .triton import fft_conv_triton
 
-    return fft_conv_triton(u, k, kernel_len, keep_frequencies)
+        return fft_conv_triton(u, k, kernel_len, keep_frequencies, pre_gate, post_gate)
+    math = torch.promote_types(u.dtype, torch.float32)
+    w = u if pre_gate is None else u.to(math) * pre_gate.to(math)
+    if chosen == "reference" and keep_frequencies is None:
+        y = fft_conv_direct_reference(w, k, kernel_len)
+    elif chosen == "reference":
+        y = fft_conv_spectral_reference(w, k, kernel_len, keep_frequencies)
+    else:
+        y = fft_conv_cpu(w, k, kernel_len, keep_frequencies)
+    if post_gate is not None:
+        y = y.to(math) * post_gate.to(math)
+    return y.to(u.dtype)

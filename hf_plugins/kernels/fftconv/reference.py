@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_gates",
     "check_inputs",
     "compute_dtype",
     "effective_kernel_len",
@@ -112,6 +113,22 @@ def check_inputs(u, k, kernel_len=None, keep_frequencies=None) -> int:
         raise ValueError(f"fft_conv: u is on {u.device} but k is on {k.device}; move k with .to(u.device).")
     _check_keep(keep_frequencies)
     return _check_kernel_len(kernel_len, k.shape[1])
+
+
+def check_gates(u: torch.Tensor, pre_gate=None, post_gate=None) -> None:
+    """Validate the optional gates of an ``fft_conv`` call: float tensors shaped and placed like ``u``."""
+    for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if gate is None:
+            continue
+        if not isinstance(gate, torch.Tensor) or not gate.is_floating_point():
+            kind = gate.dtype if isinstance(gate, torch.Tensor) else type(gate).__name__
+            raise TypeError(f"fft_conv: {name} must be a floating-point tensor like u or None, got {kind}.")
+        if gate.shape != u.shape:
+            raise ValueError(f"fft_conv: {name} must have u's shape {list(u.shape)} [batch, channels, seq], got "
+                             f"{list(gate.shape)}; expand a broadcastable gate with .expand_as(u).")
+        if gate.device != u.device:
+            raise ValueError(f"fft_conv: u is on {u.device} but {name} is on {gate.device}; move it with "
+                             ".to(u.device).")
 
 
 def fft_conv_direct_reference(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None) -> torch.Tensor:
