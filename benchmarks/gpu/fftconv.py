@@ -1,11 +1,13 @@
 """Long causal convolution: the Triton Monarch-FFT kernel vs the torch.fft convolution, on one GPU (H100 / H200).
 
 Shapes are FlashFFTConv's benchmark (batch 64, hidden 768, u ``[B, H, N]``, a filter ``k [H, N]``) for N = 256 ..
-65536 in fp16 and bf16, forward and forward+backward. Two routes:
+65536 in fp16 and bf16, forward and forward+backward. Routes, each against its baseline:
 
-- ``triton``: :func:`fft_conv_triton` (one fused kernel per row: Monarch FFT, filter product, inverse);
-- baseline ``torch.fft``: ``irfft(rfft(u, n_fft) * rfft(k, n_fft), n_fft)[..., :N]`` at ``n_fft = 2 *
-  next_pow2(N)`` in fp32 (torch has no bf16 FFT), the filter's spectrum computed per call, as in Hyena.
+- ``triton``: :func:`fft_conv_triton` (one fused kernel per row: Monarch FFT, filter product, inverse), against
+  ``torch.fft``: ``irfft(rfft(u, n_fft) * rfft(k, n_fft), n_fft)[..., :N]`` at ``n_fft = 2 * next_pow2(N)`` in
+  fp32 (torch has no bf16 FFT), the filter's spectrum computed per call, as in Hyena;
+- ``triton+gates``: the Hyena-gated ``x0 * conv(x1 * u, k)`` with the gates in the kernel (bf16 only; gradients of
+  the gates too), against ``torch.fft+gates``, the same torch.fft convolution with the gates multiplied in torch.
 
 Each route is first checked against a float64 convolution on the first two batch rows (forward, and the gradients
 of u and k of a two-row problem for forward+backward; a failed check reports no speed-up), then timed with
@@ -38,7 +40,7 @@ from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  #
 
 BATCH, HIDDEN = 64, 768
 LENGTHS = [256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-DRY = (2, 4, [100, 1000])  # batch, hidden, lengths under the interpreter
+DRY = (2, 4, [100, 3000])  # batch, hidden, lengths under the interpreter (both paths)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
 TARGET = 4.0
@@ -52,7 +54,22 @@ def torch_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(u.float(), n=n_fft) * k_f, n=n_fft)[..., :seq].to(u.dtype)
 
 
-ROUTES = {"triton": fft_conv_triton, "torch.fft": torch_fft_conv}
+def torch_gated(u: torch.Tensor, k: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    return x0 * torch_fft_conv(x1 * u, k)
+
+
+def triton_gated(u: torch.Tensor, k: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    return fft_conv_triton(u, k, pre_gate=x1, post_gate=x0)
+
+
+def reference_gated(u: torch.Tensor, k: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    return x0 * fft_conv_spectral_reference(x1 * u, k)
+
+
+ROUTES = {"triton": (fft_conv_triton, "torch.fft"), "torch.fft": (torch_fft_conv, "torch.fft"),
+          "triton+gates": (triton_gated, "torch.fft+gates"), "torch.fft+gates": (torch_gated, "torch.fft+gates")}
+"""name -> (fn(u, k, *gates), the baseline its ratio is against)."""
+GATED_DTYPES = ("bf16",)
 
 
 def _inputs(batch: int, hidden: int, seq: int, dtype: torch.dtype, device: str, generator: torch.Generator):
@@ -62,35 +79,32 @@ def _inputs(batch: int, hidden: int, seq: int, dtype: torch.dtype, device: str, 
     return u, k
 
 
-def _check(route, u: torch.Tensor, k: torch.Tensor, dy: torch.Tensor, mode: str) -> float:
-    """Max relative error of the route vs float64 on two batch rows (forward, or every gradient too)."""
-    u, dy = u[:2], dy[:2]
+def _check(route, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor, mode: str) -> float:
+    """Max relative error of the route vs float64 on two batch rows (forward, or every gradient too); ``inputs``:
+    ``(u, k)`` or ``(u, k, x0, x1)``."""
+    inputs = tuple(t[:2] if t.dim() == 3 else t for t in inputs)
+    reference = fft_conv_spectral_reference if len(inputs) == 2 else reference_gated
     if mode == "fwd":
         with torch.no_grad():
-            return max_rel_error(route(u, k), fft_conv_spectral_reference(u, k))
-    errors = []
+            return max_rel_error(route(*inputs), reference(*(t.double() for t in inputs)))
     results = []
-    for fn, dtype in ((route, None), (fft_conv_spectral_reference, torch.float64)):
-        a = (u if dtype is None else u.to(dtype)).detach().requires_grad_()
-        b = (k if dtype is None else k.to(dtype)).detach().requires_grad_()
-        y = fn(a, b)
-        results.append((y.detach(), *torch.autograd.grad(y, (a, b), dy.to(y.dtype))))
-    for actual, expected in zip(*results):
-        errors.append(max_rel_error(actual, expected))
-    return max(errors)
+    for fn, cast in ((route, lambda t: t), (reference, lambda t: t.double())):
+        leaves = [cast(t).detach().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        results.append((y.detach(), *torch.autograd.grad(y, leaves, dy[:2].to(y.dtype))))
+    return max(max_rel_error(actual, expected) for actual, expected in zip(*results))
 
 
 def _timed(route, mode: str):
     if mode == "fwd":
         def call(inputs):
             with torch.no_grad():
-                return route(inputs[0], inputs[1])
+                return route(*inputs[:-1])
         return call
 
     def call_backward(inputs):
-        u, k, dy = inputs
-        y = route(u, k)
-        return torch.autograd.grad(y, (u, k), dy)
+        *leaves, dy = inputs
+        return torch.autograd.grad(route(*leaves), leaves, dy)
     return call_backward
 
 
@@ -103,13 +117,18 @@ def bench_size(batch: int, hidden: int, seq: int, dtype_name: str, device: str, 
         copies = rotating(lambda: _inputs(batch, hidden, seq, dtype, device, generator), batch * hidden * seq * 2,
                           dry_run)
         dy = torch.randn(batch, hidden, seq, generator=generator).to(device, dtype)
+        gates = [torch.randn(batch, hidden, seq, generator=generator).to(device, dtype) for _ in range(2)]
+        routes = {name: route for name, route in ROUTES.items() if "gates" not in name or dtype_name in GATED_DTYPES}
         for mode in MODES:
-            inputs = [(u.requires_grad_(mode != "fwd"), k.requires_grad_(mode != "fwd"), dy) for u, k in copies]
             timings = {}
-            for name, route in ROUTES.items():
+            for name, (route, baseline) in routes.items():
+                grad = mode != "fwd"
+                inputs = [(u.requires_grad_(grad), k.requires_grad_(grad),
+                           *([g.requires_grad_(grad) for g in gates] if "gates" in name else []), dy)
+                          for u, k in copies]
                 error, ms, oom = float("nan"), None, False
                 try:
-                    error = _check(route, inputs[0][0].detach(), inputs[0][1].detach(), dy, mode)
+                    error = _check(route, tuple(t.detach() for t in inputs[0][:-1]), dy, mode)
                     checked = error <= FLOAT_KERNEL_RTOL[dtype]
                     ms = timer(cycled(_timed(route, mode), inputs)) if checked else None
                 except torch.cuda.OutOfMemoryError:  # a route that does not fit is reported, not timed
@@ -117,16 +136,17 @@ def bench_size(batch: int, hidden: int, seq: int, dtype_name: str, device: str, 
                     torch.cuda.empty_cache()
                 timings[name] = ms
                 rows.append({"batch": batch, "hidden": hidden, "seq": seq, "dtype": dtype_name, "mode": mode,
-                             "route": name, "rel_error": error, "checked": checked, "ms": ms, "oom": oom})
-            base = timings["torch.fft"]
-            for row in rows[-len(ROUTES):]:
-                row["torch_fft_ms"] = base
-                row["vs_torch_fft"] = None if row["ms"] is None or base is None else base / row["ms"]
+                             "route": name, "baseline": baseline, "rel_error": error, "checked": checked, "ms": ms,
+                             "oom": oom})
+            for row in rows[-len(routes):]:
+                base = timings[row["baseline"]]
+                row["baseline_ms"] = base
+                row["vs_baseline"] = None if row["ms"] is None or base is None else base / row["ms"]
                 print(_format(row), flush=True)
     except torch.cuda.OutOfMemoryError:
         print(f"B={batch} H={hidden} N={seq} {dtype_name}: out of memory, skipped", flush=True)
         rows.append({"batch": batch, "hidden": hidden, "seq": seq, "dtype": dtype_name, "mode": "oom",
-                     "route": None, "checked": True, "ms": None, "vs_torch_fft": None})
+                     "route": None, "checked": True, "ms": None, "vs_baseline": None})
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -138,15 +158,15 @@ def _format(row: dict) -> str:
     status += "  OUT OF MEMORY" if row.get("oom") else ""
     ms = "-" if row["ms"] is None else f"{row['ms']:.4f}"
     return (f"B={row['batch']:<3} H={row['hidden']:<4} N={row['seq']:<6} {row['dtype']} {row['mode']:<8} "
-            f"{row['route']:<10} {ms:>9} ms  vs torch.fft {ratio_text(row['vs_torch_fft'])}  "
+            f"{row['route']:<15} {ms:>9} ms  vs {row['baseline']:<15} {ratio_text(row['vs_baseline'])}  "
             f"(rel error {row['rel_error']:.1e}){status}")
 
 
 def targets(rows: list[dict]) -> list[str]:
-    return [f"N={row['seq']} {row['dtype']} fwd: triton {row['vs_torch_fft']:.2f}x torch.fft (target >= {TARGET}x): "
-            f"{'ok' if row['vs_torch_fft'] >= TARGET else 'MISSED'}"
-            for row in rows if row["route"] == "triton" and row["mode"] == "fwd" and 1024 <= row["seq"] <= 8192
-            and row["vs_torch_fft"] is not None]
+    return [f"N={row['seq']} {row['dtype']} fwd: {row['route']} {row['vs_baseline']:.2f}x {row['baseline']} (target "
+            f">= {TARGET}x): {'ok' if row['vs_baseline'] >= TARGET else 'MISSED'}"
+            for row in rows if row["route"].startswith("triton") and row["mode"] == "fwd"
+            and 1024 <= row["seq"] <= 8192 and row["vs_baseline"] is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

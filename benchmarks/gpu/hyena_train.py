@@ -39,14 +39,16 @@ VOCAB = 32000
 
 
 def torch_fft_conv(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None,
-                   keep_frequencies: float | None = None) -> torch.Tensor:
-    """The baseline causal long convolution ``[batch, channels, T]`` in fp32 torch.fft, the spectrum recomputed
-    per call (``keep_frequencies`` unused: the benchmark's model is dense)."""
+                   keep_frequencies: float | None = None, pre_gate: torch.Tensor | None = None,
+                   post_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The baseline gated causal long convolution ``[batch, channels, T]`` in fp32 torch.fft, the spectrum
+    recomputed per call and the gates multiplied in torch (``keep_frequencies`` unused: the model is dense)."""
     seq = u.shape[-1]
     n = 2 * (1 << max(0, seq - 1).bit_length())
     taps = k[:, : kernel_len or k.shape[-1]].float()
-    spectrum = torch.fft.rfft(taps, n=n) * torch.fft.rfft(u.float(), n=n)
-    return torch.fft.irfft(spectrum, n=n)[..., :seq].to(u.dtype)
+    w = u if pre_gate is None else u * pre_gate
+    y = torch.fft.irfft(torch.fft.rfft(taps, n=n) * torch.fft.rfft(w.float(), n=n), n=n)[..., :seq].to(u.dtype)
+    return y if post_gate is None else y * post_gate
 
 
 def training_step(model, optimizer, batch: torch.Tensor, device: str):

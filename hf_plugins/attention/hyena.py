@@ -125,12 +125,27 @@ class HyenaOperator(nn.Module):
         # A cache computes the filters once per generation (decoding would otherwise rerun the filter network over
         # the whole context for every token); without one they follow the parameters, as training needs.
         filters = self.filter(taps) if layer is None else layer.filters(lambda: self.filter(self.max_len))[..., :taps]
-        for step, gate in enumerate(reversed(gates[1:])):
-            v = self._long_conv(v * gate, filters[step], self.filter.bias[step], layer, step)
-        y = v * gates[0]
+        if layer is None and self.keep_frequencies is None:
+            y = self._gated_convolutions(v, gates, filters)
+        else:
+            for step, gate in enumerate(reversed(gates[1:])):
+                v = self._long_conv(v * gate, filters[step], self.filter.bias[step], layer, step)
+            y = v * gates[0]
         if layer is not None:
             layer.commit_short(projected, width)
         return self.out_proj(y.transpose(1, 2))
+
+    def _gated_convolutions(self, v: torch.Tensor, gates: list[torch.Tensor], filters: torch.Tensor) -> torch.Tensor:
+        """The gated long convolutions of a whole sequence, each one ``fft_conv`` call: the skip ``bias * w`` is
+        tap 0 of the filter and the gates go in as ``pre_gate``/``post_gate`` (multiplied in the kernel's
+        registers on GPU: no gated copies in memory). ``v``, gates ``[batch, d, seq]``; ``filters [order - 1, d,
+        taps]`` -> ``[batch, d, seq]``."""
+        steps = list(reversed(gates[1:]))
+        for step, gate in enumerate(steps):
+            h = filters[step]
+            h = torch.cat([h[:, :1] + self.filter.bias[step][:, None].to(h.dtype), h[:, 1:]], dim=1)
+            v = fft_conv(v, h, pre_gate=gate, post_gate=gates[0] if step == len(steps) - 1 else None)
+        return v
 
     def _long_conv(self, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, layer, index: int) -> torch.Tensor:
         """``h * v + bias v`` over the whole history: ``v [batch, d, new]``, ``h [d, taps]``; in ``v``'s dtype (the

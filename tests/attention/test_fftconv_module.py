@@ -22,6 +22,9 @@ def test_the_issue_calls_match_their_oracles():
     assert_close_kernel(conv(u, k, kernel_len=1024), fft_conv_spectral_reference(u, k, 1024), torch.float32)
     assert_close_kernel(conv(u, k, keep_frequencies=0.25), fft_conv_spectral_reference(u, k, None, 0.25),
                         torch.float32)
+    x0, x1 = torch.randn(2, *u.shape, generator=torch.Generator().manual_seed(1))
+    assert_close_kernel(conv(u, k, pre_gate=x1, post_gate=x0), x0 * fft_conv_spectral_reference(x1 * u, k),
+                        torch.float32)
 
 
 @pytest.mark.parametrize("seq", [1, 300, 512], ids=lambda n: f"N{n}")
