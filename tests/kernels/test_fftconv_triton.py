@@ -197,6 +197,16 @@ def test_staged_orders_3_and_4(staged, N, taps, keep, gated):
     assert_all_close(actual, oracle(u, k, dy, torch.float32, keep_frequencies=keep, gates=gates), torch.float32)
 
 
+def test_partial_filter_gradient_computes_only_the_columns_its_taps_reach(staged, monkeypatch):
+    # 2000 -> M = 4096 = 16 x 16 x 16 (16-wide digits at most): 100 taps lie in the times n = n0 * 256 + i with
+    # n0 < 1, so the last inverse stage computes MIN_DIGIT = 4 of its 16 columns (the dense default: 8)
+    monkeypatch.setattr(fft_triton, "MAX_DIGIT", 16)
+    assert fft_digits(4096) == (16, 16, 16) and fft_triton._reached_columns(100, 256, 16) == 4
+    u, k, dy = conv_inputs(1, 1, 2000, 2000, seed=3)
+    actual = forward_backward(fft_conv_triton, u, k, dy, torch.float32, kernel_len=100)
+    assert_all_close(actual, oracle(u, k, dy, torch.float32, kernel_len=100), torch.float32)
+
+
 def test_staged_half_precision(staged):
     u, k, dy = conv_inputs(2, 2, 300, 300, seed=9)
     for dtype in HALF.values():
@@ -212,7 +222,7 @@ def test_frequency_sparse_skips_the_zero_column_blocks(staged, monkeypatch):
     assert fft_digits(1024) == (8, 8, 16)
     u, k, _ = conv_inputs(2, 1, 300, 300, seed=1)
     keep = 154
-    sre, sim = fft_triton._spectrum(fft_triton._circular_kernel(k.float(), 300, 300, 0.3, 1024))
+    sre, sim = fft_triton._spectrum(fft_triton._filter_taps(k.float(), 300, 300, 0.3, 1024), 1024)
     expected, _ = fft_triton._launch(u.float(), (sre, sim), keep)
     block = torch.arange(1024) % 16 // 4
     skipped = (block == 1) | (block == 2)
@@ -271,11 +281,12 @@ def test_kernels_compile_within_the_gpus_shared_memory(dtype, arch):
     whole = {"N1": N1, "N2": N2, "NH": fft_triton._half(N2)}
     M = 1 << 17
     staged_args = fft_triton._digit_args(M)
-    kernels = {"_whole_conv_kernel": {**whole, **conv_flags}, "_whole_filter_grad_kernel": {**whole, **flags},
+    kernels = {"_whole_conv_kernel": {**whole, **conv_flags},
+               "_whole_filter_grad_kernel": {**whole, "NOUT": N2, **flags},
                "_staged_conv_kernel": {**staged_args, "DL": fft_digits(M)[-1], "CB": 16, **conv_flags},
-               "_staged_filter_grad_kernel": {**staged_args, **flags}}
+               "_staged_filter_grad_kernel": {**staged_args, "NOUT": fft_digits(M)[0], **flags}}
     cases = [{"module": fft_triton.__name__, "kernel": name, "constants": constants, "dtype": dtype, "arch": arch,
-              "typed": ["x", "y", "z", "pre", "post", "dy"], "ints": ["batch", "channels", "seq", "KEEP"]}
+              "typed": ["x", "y", "z", "pre", "post", "dy"], "ints": ["batch", "channels", "seq", "KEEP", "taps"]}
              for name, constants in kernels.items()]
     for name, shared in zip(kernels, shared_memory(cases)):
         assert 0 < shared <= SHARED_MEMORY[arch], f"{name}: {shared} bytes of shared memory"

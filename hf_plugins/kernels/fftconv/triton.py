@@ -7,12 +7,12 @@ it is ``y = post_gate * conv(pre_gate * u, k)`` (FlashFFTConv's ``pregate``/``po
 
 FFT size. The kernels transform at ``M = max(256, n_fft)``, ``n_fft = 2 * next_power_of_two(seq)``: 256 is the
 smallest size whose Monarch factors are 16 wide (the ``tl.dot`` minimum on NVIDIA GPUs). The filter is first
-turned, in torch (differentiable), into the length-``M`` time-domain filter ``kM`` whose circular convolution gives
-the op exactly: dense filters are just ``k[:, :min(L, seq)]`` zero-padded; a frequency-sparse filter is ``kt =
-irfft(rfft(k) * mask, n_fft)``, a circular filter of length ``n_fft`` whose taps ``s <= seq - 1`` act causally and
-whose taps ``s > n_fft - seq`` wrap around (lags ``s - n_fft``); ``kM`` places the first at ``s`` and the second at
-``M - (n_fft - s)``. Its spectrum ``fft(kM) / M`` (torch.fft, once per call, fp32) is the only filter the kernels
-see.
+turned, in torch (differentiable), into the time-domain filter ``kt`` (``[channels, taps]``, ``taps <= M``) whose
+circular convolution at ``M`` (zero-padded) gives the op exactly: a dense filter is just ``k[:, :min(L, seq)]``
+(``taps <= seq <= M / 2``); a frequency-sparse one is ``irfft(rfft(k) * mask, n_fft)``, a circular filter of
+length ``n_fft`` whose taps ``s <= seq - 1`` act causally and whose taps ``s > n_fft - seq`` wrap around (lags
+``s - n_fft``), placed at ``s`` and ``M - (n_fft - s)`` in a length-``M`` filter. Its spectrum ``fft(kt, M) / M``
+(torch.fft, once per call, fp32) is the only filter the convolution kernels see.
 
 Order 2, in registers (``M <= 2048``, ``_whole_conv_kernel``). ``M = N1 * N2``, time ``n = n1 + N1 n2``,
 frequency ``k = k2 + N2 k1``; with the tile ``A[n1, n2] = x[n1 + N1 n2]``:
@@ -42,16 +42,17 @@ Work skipped (FlashFFTConv's sparsity of the decomposition):
   blocks of its digit (the most significant frequency digit) and skips the blocks whose every bin is zero. The
   first and last blocks always hold bins (the lowest frequencies and their conjugates), so this saves work once
   that digit is 64 wide (``M >= 65536``, :func:`fft_digits`): up to half the middle stage.
-- Partial convolutions need nothing extra: the filter is zero past ``kernel_len`` and the backward maps ``dkM``
-  back through the slice.
+- Partial convolutions: the filter gradient is computed for the filter's taps only; its last inverse stage
+  computes the columns of the most significant time digit those taps reach (``n < taps``, at least 16 wide),
+  half of them for any dense filter, fewer for short ones.
 
-Backward (``torch.autograd.Function``): with ``w = pre * u`` and ``z = conv(w, kM)`` (stored by the forward when
-the post gate needs a gradient), ``dz = dy * post``; ``dw = flip(conv(flip(dz), kM))`` runs the same kernels,
+Backward (``torch.autograd.Function``): with ``w = pre * u`` and ``z = conv(w, kt)`` (stored by the forward when
+the post gate needs a gradient), ``dz = dy * post``; ``dw = flip(conv(flip(dz), kt))`` runs the same kernels,
 reading and writing time-reversed and applying the gates in registers (``du = pre * dw``, and ``dw`` itself for
-``d pre = dw * u``); ``d post = dy * z``; ``dkM = ifft(sum_b conj(fft(w, M)) * fft(dz, M))`` is
+``d pre = dw * u``); ``d post = dy * z``; ``dkt = ifft(sum_b conj(fft(w, M)) * fft(dz, M))[:, :taps]`` is
 ``_whole_filter_grad_kernel`` or ``_staged_filter_grad_kernel`` (a program per channel: both forward transforms
 per batch row with the gates applied on load, the product summed over the batch, one inverse transform). Torch
-autograd maps ``dkM`` back to ``dk`` through the construction of ``kM``.
+autograd maps ``dkt`` back to ``dk`` through the construction of ``kt``.
 
 Not done: autotuning (tile sizes, warps and the scratch budget are fixed guesses until a GPU measures them).
 
@@ -308,10 +309,11 @@ def _whole_conv_kernel(x, pre, post, y, z, kre, kim, f1re, f1im, f2re, f2im, twr
 
 @triton.jit
 def _whole_filter_grad_kernel(x, dy, pre, post, dk, f1re, f1im, f2re, f2im, twre, twim, batch, channels, seq,
-                              N1: tl.constexpr, N2: tl.constexpr, NH: tl.constexpr, HAS_PRE: tl.constexpr,
-                              HAS_POST: tl.constexpr, PREC: tl.constexpr):
-    """Channel ``program_id(0)``: ``dk[c, p] = sum_b sum_t dz[b, c, t] w[b, c, t - p mod M]`` for every ``p < M``
-    (``w = pre * x``, ``dz = post * dy``), as ``ifft(sum_b conj(W) DZ)`` summed in registers over the batch."""
+                              taps, N1: tl.constexpr, N2: tl.constexpr, NH: tl.constexpr, NOUT: tl.constexpr,
+                              HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PREC: tl.constexpr):
+    """Channel ``program_id(0)``: ``dk[c, p] = sum_b sum_t dz[b, c, t] w[b, c, t - p mod M]`` for ``p < taps``
+    (``w = pre * x``, ``dz = post * dy``; ``dk [channels, taps]``), as ``ifft(sum_b conj(W) DZ)`` summed in
+    registers over the batch; the inverse's last stage computes the columns ``n2 < NOUT`` (``taps <= N1 NOUT``)."""
     M: tl.constexpr = N1 * N2
     c = tl.program_id(0)
     r1 = tl.arange(0, N1)
@@ -328,8 +330,10 @@ def _whole_filter_grad_kernel(x, dy, pre, post, dk, f1re, f1im, f2re, f2im, twre
         acc_re += xre * gre + xim * gim
         acc_im += xre * gim - xim * gre
     hre, him = _whole_inverse(acc_re, acc_im, f1re, f1im, f2re, f2im, twre, twim, N1, N2, PREC)
-    out = _mm(hre, _square(f2re, r2, r2, N2), PREC) + _mm(him, _square(f2im, r2, r2, N2), PREC)
-    tl.store(dk + tl.cast(c, tl.int64) * M + r1[:, None] + N1 * r2[None, :], out * (1.0 / M))
+    columns = tl.arange(0, NOUT)
+    out = _mm(hre, _square(f2re, r2, columns, N2), PREC) + _mm(him, _square(f2im, r2, columns, N2), PREC)
+    p = r1[:, None] + N1 * columns[None, :]
+    tl.store(dk + tl.cast(c, tl.int64) * taps + p, out * (1.0 / M), mask=p < taps)
 
 
 @triton.jit
@@ -528,10 +532,10 @@ def _staged_conv_kernel(x, pre, post, y, z, kre, kim, twre, twim, scratch, batch
 
 
 @triton.jit
-def _staged_filter_grad_kernel(x, dy, pre, post, dk, twre, twim, scratch, batch, channels, seq, M: tl.constexpr,
-                               D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-                               NUM: tl.constexpr, NIN: tl.constexpr, T: tl.constexpr, HAS_PRE: tl.constexpr,
-                               HAS_POST: tl.constexpr, PREC: tl.constexpr):
+def _staged_filter_grad_kernel(x, dy, pre, post, dk, twre, twim, scratch, batch, channels, seq, taps,
+                               M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                               D3: tl.constexpr, NUM: tl.constexpr, NIN: tl.constexpr, NOUT: tl.constexpr,
+                               T: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PREC: tl.constexpr):
     """:func:`_whole_filter_grad_kernel`'s op for the staged digits, channels ``program_id(0) + j *
     num_programs(0)``, through the program's scratch ``[6, M]`` (the two transforms and the sum, re and im)."""
     pid = tl.program_id(0)
@@ -565,8 +569,8 @@ def _staged_filter_grad_kernel(x, dy, pre, post, dk, twre, twim, scratch, batch,
                 tl.store(acc_im + q, tl.load(acc_im + q) + ur * gi - ui * gr)
             tl.debug_barrier()
         _inverse_stages(acc_re, acc_im, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, T, PREC)
-        _last_stage(acc_re, acc_im, dk, dk, dk, tl.cast(c, tl.int64) * M, 0, 0, M, 1.0 / M, twre, twim, M, D0,
-                    D0, T, False, False, False, False, PREC)
+        _last_stage(acc_re, acc_im, dk, dk, dk, tl.cast(c, tl.int64) * taps, 0, 0, taps, 1.0 / M, twre, twim, M,
+                    D0, NOUT, T, False, False, False, False, PREC)
 
 
 def _num_warps(M: int) -> dict:
@@ -597,7 +601,7 @@ def _launch(x: torch.Tensor, spectrum: tuple[torch.Tensor, torch.Tensor], keep: 
             post: torch.Tensor | None = None, store_z: bool = False, reverse: bool = False,
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``y = post * conv(pre * x)`` and, if ``store_z``, ``z = conv(pre * x)``, for ``x [batch, channels, seq]``
-    (contiguous, like the gates) and the filter of ``spectrum`` (``fft(kM) / M`` re, im ``[channels, M]`` fp32, in
+    (contiguous, like the gates) and the filter of ``spectrum`` (``fft(kt, M) / M`` re, im ``[channels, M]`` fp32, in
     the order of the path ``M`` takes); ``reverse``: every signal read and written time-reversed. ``keep``: bins
     ``keep <= k <= M - keep`` of the spectrum are zero (0: none known zero). Outputs in x's dtype."""
     batch, channels, seq = x.shape
@@ -626,33 +630,43 @@ def _launch(x: torch.Tensor, spectrum: tuple[torch.Tensor, torch.Tensor], keep: 
     return y, z
 
 
-def _filter_grad(u: torch.Tensor, dy: torch.Tensor, M: int, pre: torch.Tensor | None,
+def _filter_grad(u: torch.Tensor, dy: torch.Tensor, M: int, taps: int, pre: torch.Tensor | None,
                  post: torch.Tensor | None) -> torch.Tensor:
-    """fp32 ``dkM [channels, M]``: the gradient of the length-``M`` circular filter, ``ifft(sum_b conj(fft(pre *
-    u)) fft(post * dy))``."""
+    """fp32 ``dkt [channels, taps]``: the gradient of the filter's first ``taps`` taps, ``ifft(sum_b conj(fft(pre *
+    u)) fft(post * dy))[:, :taps]`` at ``M`` points."""
     batch, channels, seq = u.shape
-    dk = _new_output((channels, M), torch.float32, u.device)
+    dk = _new_output((channels, taps), torch.float32, u.device)
     flags = {"HAS_PRE": pre is not None, "HAS_POST": post is not None, "PREC": _PRECISION[u.dtype]}
     pre, post = (dk if t is None else t for t in (pre, post))
     if M <= WHOLE_MAX_FFT:
         N1, N2 = _factors(M)
         _whole_filter_grad_kernel[(channels,)](u, dy, pre, post, dk, *_dft_matrices(M, u.device), batch, channels,
-                                               seq, N1=N1, N2=N2, NH=_half(N2), **flags, **_num_warps(M))
+                                               seq, taps, N1=N1, N2=N2, NH=_half(N2),
+                                               NOUT=_reached_columns(taps, N1, N2), **flags, **_num_warps(M))
         return dk
+    D0 = fft_digits(M)[0]
     programs = _programs(channels, u.device, 2, 6 * M)
     scratch = torch.empty((programs, 6, M), dtype=torch.float32, device=u.device)
     _staged_filter_grad_kernel[(programs,)](u, dy, pre, post, dk, *_twiddles(M, u.device), scratch, batch, channels,
-                                            seq, **_digit_args(M), **flags, **_num_warps(M))
+                                            seq, taps, NOUT=_reached_columns(taps, M // D0, D0), **_digit_args(M),
+                                            **flags, **_num_warps(M))
     return dk
 
 
-def _circular_kernel(k: torch.Tensor, L: int, seq: int, keep_frequencies: float | None, M: int) -> torch.Tensor:
-    """The fp32 length-``M`` filter ``kM [channels, M]`` whose circular convolution is the op (module docstring);
-    differentiable in ``k``."""
+def _reached_columns(taps: int, stride: int, width: int) -> int:
+    """Columns ``j < width`` of a last stage whose times ``i + stride * j`` (``i < stride``) cover ``n < taps``: a
+    power of two, at least ``MIN_DIGIT`` (the ``tl.dot`` minimum)."""
+    needed = -(-taps // stride)
+    return min(width, max(MIN_DIGIT, 1 << (needed - 1).bit_length()))
+
+
+def _filter_taps(k: torch.Tensor, L: int, seq: int, keep_frequencies: float | None, M: int) -> torch.Tensor:
+    """The fp32 filter ``kt [channels, taps]`` whose circular convolution at ``M`` (zero-padded) is the op (module
+    docstring): ``taps <= seq`` for dense filters, ``M`` for frequency-sparse ones; differentiable in ``k``."""
     taps = effective_kernel_len(L, seq)
     k = k[:, :taps].float()
     if keep_frequencies is None:
-        return torch.nn.functional.pad(k, (0, M - taps))
+        return k
     n_fft = sparse_fft_size(seq)
     spectrum = torch.fft.rfft(k, n=n_fft)
     mask = torch.arange(spectrum.shape[-1], device=k.device) < kept_bins(keep_frequencies, n_fft)
@@ -664,46 +678,45 @@ def _circular_kernel(k: torch.Tensor, L: int, seq: int, keep_frequencies: float 
     return torch.cat([causal, middle, wrapped], dim=1)
 
 
-def _spectrum(kM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fft(kM) / M`` as contiguous fp32 real and imaginary parts, in the order of the path ``M`` takes: natural
-    for the registers' order 2, digit-reversed for the staged path."""
-    M = kM.shape[-1]
-    spectrum = torch.fft.fft(kM.float()) / M
+def _spectrum(kt: torch.Tensor, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fft(kt, M) / M`` as contiguous fp32 real and imaginary parts, in the order of the path ``M`` takes:
+    natural for the registers' order 2, digit-reversed for the staged path."""
+    spectrum = torch.fft.fft(kt.float(), n=M) / M
     if M > WHOLE_MAX_FFT:
-        spectrum = spectrum[:, _digit_reversal(fft_digits(M), kM.device)]
+        spectrum = spectrum[:, _digit_reversal(fft_digits(M), kt.device)]
     return spectrum.real.contiguous(), spectrum.imag.contiguous()
 
 
 class _FFTConv(torch.autograd.Function):
-    """``y = post * conv(pre * u, kM)`` (circular at ``M``, first ``seq`` samples; absent gates are 1) with the
+    """``y = post * conv(pre * u, kt)`` (circular at ``M``, first ``seq`` samples; absent gates are 1) with the
     Triton kernels forward and backward (module docstring)."""
 
     @staticmethod
-    def forward(ctx, u, kM, pre, post, keep):
-        spectrum = _spectrum(kM)
+    def forward(ctx, u, kt, pre, post, M, keep):
+        spectrum = _spectrum(kt, M)
         keeps_z = post is not None and ctx.needs_input_grad[3]
         y, z = _launch(u, spectrum, keep, pre, post, store_z=keeps_z)
         ctx.save_for_backward(u, pre, post, z, *spectrum)
         ctx.keep = keep
-        ctx.M = kM.shape[-1]
+        ctx.M, ctx.taps = M, kt.shape[-1]
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         u, pre, post, z, sre, sim = ctx.saved_tensors
-        needs_u, needs_k, needs_pre, needs_post, _ = ctx.needs_input_grad
+        needs_u, needs_k, needs_pre, needs_post, _, _ = ctx.needs_input_grad
         dy = dy.contiguous().to(u.dtype)
-        du = dkM = dpre = dpost = None
+        du = dkt = dpre = dpost = None
         if needs_u or needs_pre:
             du, dw = _launch(dy, (sre, sim), ctx.keep, pre=post, post=pre, store_z=needs_pre, reverse=True)
             if needs_pre:
                 dpre = (dw.float() * u.float()).to(pre.dtype)
         if needs_k:
-            dkM = _filter_grad(u, dy, ctx.M, pre, post)
+            dkt = _filter_grad(u, dy, ctx.M, ctx.taps, pre, post)
         if needs_post:
             dpost = (dy.float() * z.float()).to(post.dtype)
-        return du if needs_u else None, dkM, dpre, dpost, None
+        return du if needs_u else None, dkt, dpre, dpost, None, None
 
 
 def _check_triton_inputs(**tensors: torch.Tensor | None) -> None:
@@ -741,6 +754,6 @@ def fft_conv_triton(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = N
     keep = 0
     if keep_frequencies is not None and M == sparse_fft_size(seq):
         keep = kept_bins(keep_frequencies, M)
-    kM = _circular_kernel(k, L, seq, keep_frequencies, M)
+    kt = _filter_taps(k, L, seq, keep_frequencies, M)
     pre, post = (None if g is None else g.contiguous() for g in (pre_gate, post_gate))
-    return _FFTConv.apply(u.contiguous(), kM, pre, post, keep)
+    return _FFTConv.apply(u.contiguous(), kt, pre, post, M, keep)
