@@ -379,30 +379,11 @@ def _first_stage(x, gate, first, second, second_len, seq, sre, sim, twre, twim, 
 
 
 @triton.jit
-def _forward_stage(sre, sim, twre, twim, M: tl.constexpr, D: tl.constexpr, S: tl.constexpr, T: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Stage forward in place: the DFT along the digit of width ``D`` and stride ``S``, times the twiddle
-    ``exp(-2 pi i i k / (D S))`` (``i`` the position below the digit)."""
-    BR: tl.constexpr = T // D
-    k = tl.arange(0, D)
-    fre, fim = _digit_dft(twre, twim, k, k, D, M)
-    for block in range(0, (M // D) // BR):
-        r = block * BR + tl.arange(0, BR)
-        inner = r % S
-        p = ((r // S) * (D * S) + inner)[:, None] + k[None, :] * S
-        yre, yim = _cmm(tl.load(sre + p), tl.load(sim + p), fre, fim, PREC)
-        if S > 1:
-            tre, tim = _twiddle(twre, twim, inner, k, D * S, M)
-            yre, yim = yre * tre - yim * tim, yre * tim + yim * tre
-        tl.store(sre + p, yre)
-        tl.store(sim + p, yim)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _inverse_stage(sre, sim, twre, twim, M: tl.constexpr, D: tl.constexpr, S: tl.constexpr, T: tl.constexpr,
-                   PREC: tl.constexpr):
-    """The inverse of :func:`_forward_stage` (up to the factor ``D``): conjugate twiddle, then ``@ conj(F_D)``."""
+def _stage(sre, sim, twre, twim, M: tl.constexpr, D: tl.constexpr, S: tl.constexpr, INVERSE: tl.constexpr,
+           T: tl.constexpr, PREC: tl.constexpr):
+    """One stage in place along the digit of width ``D`` and stride ``S``. Forward: the DFT along it, then the
+    twiddle ``exp(-2 pi i i k / (D S))`` (``i`` the position below the digit). INVERSE (up to the factor ``D``):
+    the conjugate twiddle, then ``@ conj(F_D)``."""
     BR: tl.constexpr = T // D
     k = tl.arange(0, D)
     fre, fim = _digit_dft(twre, twim, k, k, D, M)
@@ -411,10 +392,16 @@ def _inverse_stage(sre, sim, twre, twim, M: tl.constexpr, D: tl.constexpr, S: tl
         inner = r % S
         p = ((r // S) * (D * S) + inner)[:, None] + k[None, :] * S
         xre, xim = tl.load(sre + p), tl.load(sim + p)
-        if S > 1:
-            tre, tim = _twiddle(twre, twim, inner, k, D * S, M)
-            xre, xim = xre * tre + xim * tim, xim * tre - xre * tim
-        yre, yim = _cmm_conj_right(xre, xim, fre, fim, PREC)
+        if INVERSE:
+            if S > 1:
+                tre, tim = _twiddle(twre, twim, inner, k, D * S, M)
+                xre, xim = xre * tre + xim * tim, xim * tre - xre * tim
+            yre, yim = _cmm_conj_right(xre, xim, fre, fim, PREC)
+        else:
+            yre, yim = _cmm(xre, xim, fre, fim, PREC)
+            if S > 1:
+                tre, tim = _twiddle(twre, twim, inner, k, D * S, M)
+                yre, yim = yre * tre - yim * tim, yre * tim + yim * tre
         tl.store(sre + p, yre)
         tl.store(sim + p, yim)
     tl.debug_barrier()
@@ -479,29 +466,22 @@ def _last_stage(sre, sim, y, z, gate, first, second, second_len, seq, scale, twr
 
 
 @triton.jit
-def _forward_stages(sre, sim, twre, twim, M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-                    S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, LAST: tl.constexpr, T: tl.constexpr,
-                    PREC: tl.constexpr):
-    """Forward stages 1 .. LAST (digit ``D_s``, stride ``S_s``), in order."""
+def _stages(sre, sim, twre, twim, M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+            S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, LAST: tl.constexpr, INVERSE: tl.constexpr,
+            T: tl.constexpr, PREC: tl.constexpr):
+    """Forward stages 1 .. LAST in that order (digit ``D_s``, stride ``S_s``), or INVERSE ones LAST .. 1."""
+    if INVERSE:
+        if LAST >= 3:
+            _stage(sre, sim, twre, twim, M, D3, S3, True, T, PREC)
+        if LAST >= 2:
+            _stage(sre, sim, twre, twim, M, D2, S2, True, T, PREC)
     if LAST >= 1:
-        _forward_stage(sre, sim, twre, twim, M, D1, S1, T, PREC)
-    if LAST >= 2:
-        _forward_stage(sre, sim, twre, twim, M, D2, S2, T, PREC)
-    if LAST >= 3:
-        _forward_stage(sre, sim, twre, twim, M, D3, S3, T, PREC)
-
-
-@triton.jit
-def _inverse_stages(sre, sim, twre, twim, M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-                    S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, LAST: tl.constexpr, T: tl.constexpr,
-                    PREC: tl.constexpr):
-    """Inverse stages LAST .. 1, in that order."""
-    if LAST >= 3:
-        _inverse_stage(sre, sim, twre, twim, M, D3, S3, T, PREC)
-    if LAST >= 2:
-        _inverse_stage(sre, sim, twre, twim, M, D2, S2, T, PREC)
-    if LAST >= 1:
-        _inverse_stage(sre, sim, twre, twim, M, D1, S1, T, PREC)
+        _stage(sre, sim, twre, twim, M, D1, S1, INVERSE, T, PREC)
+    if not INVERSE:
+        if LAST >= 2:
+            _stage(sre, sim, twre, twim, M, D2, S2, False, T, PREC)
+        if LAST >= 3:
+            _stage(sre, sim, twre, twim, M, D3, S3, False, T, PREC)
 
 
 @triton.jit
@@ -523,10 +503,10 @@ def _staged_conv_kernel(x, pre, post, y, z, kre, kim, twre, twim, scratch, batch
         c, first, second, second_len = _rows_of(item, batch, channels, seq, PAIRED)
         _first_stage(x, pre, first, second, second_len, seq, sre, sim, twre, twim, M, D0, NIN, T, HAS_PRE, PAIRED,
                      REVERSE, PREC)
-        _forward_stages(sre, sim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 2, T, PREC)
+        _stages(sre, sim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 2, False, T, PREC)
         k_off = tl.cast(c, tl.int64) * M
         _middle_stage(sre, sim, kre + k_off, kim + k_off, twre, twim, KEEP, M, DL, CB, T, PREC)
-        _inverse_stages(sre, sim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 2, T, PREC)
+        _stages(sre, sim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 2, True, T, PREC)
         _last_stage(sre, sim, y, z, post, first, second, second_len, seq, 1.0, twre, twim, M, D0, NIN, T, HAS_POST,
                     STORE_Z, PAIRED, REVERSE, PREC)
 
@@ -558,17 +538,17 @@ def _staged_filter_grad_kernel(x, dy, pre, post, dk, twre, twim, scratch, batch,
             row = (tl.cast(b, tl.int64) * channels + c) * seq
             _first_stage(x, pre, row, row, 0, seq, are, aim, twre, twim, M, D0, NIN, T, HAS_PRE, False, False,
                          PREC)
-            _forward_stages(are, aim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, T, PREC)
+            _stages(are, aim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, False, T, PREC)
             _first_stage(dy, post, row, row, 0, seq, bre, bim, twre, twim, M, D0, NIN, T, HAS_POST, False,
                          False, PREC)
-            _forward_stages(bre, bim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, T, PREC)
+            _stages(bre, bim, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, False, T, PREC)
             for start in range(0, M, BLOCK):
                 q = start + tl.arange(0, BLOCK)
                 ur, ui, gr, gi = tl.load(are + q), tl.load(aim + q), tl.load(bre + q), tl.load(bim + q)
                 tl.store(acc_re + q, tl.load(acc_re + q) + ur * gr + ui * gi)
                 tl.store(acc_im + q, tl.load(acc_im + q) + ur * gi - ui * gr)
             tl.debug_barrier()
-        _inverse_stages(acc_re, acc_im, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, T, PREC)
+        _stages(acc_re, acc_im, twre, twim, M, D1, D2, D3, S1, S2, S3, NUM - 1, True, T, PREC)
         _last_stage(acc_re, acc_im, dk, dk, dk, tl.cast(c, tl.int64) * taps, 0, 0, taps, 1.0 / M, twre, twim, M,
                     D0, NOUT, T, False, False, False, False, PREC)
 
