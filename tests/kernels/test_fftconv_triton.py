@@ -32,11 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def staged(monkeypatch):
     """Every size through the staged path, with 4..8-wide digits (orders 3 and 4 at small sizes: 256 = 8 x 8 x 4,
-    2048 = 8 x 8 x 8 x 4) and 64-element blocks (several blocks per stage)."""
+    2048 = 8 x 8 x 8 x 4) and 256-element blocks (several blocks per stage)."""
     monkeypatch.setattr(fft_triton, "WHOLE_MAX_FFT", 0)
     monkeypatch.setattr(fft_triton, "MIN_DIGIT", 4)
     monkeypatch.setattr(fft_triton, "MAX_DIGIT", 8)
-    monkeypatch.setattr(fft_triton, "TILE", 64)
+    monkeypatch.setattr(fft_triton, "TILE", 256)
 
 
 def shifted_sum_oracle(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None) -> torch.Tensor:
