@@ -3,9 +3,23 @@ memory each needs, so a kernel that cannot launch on a real card fails on CPU fi
 
     TRITON_INTERPRET=0 python -m tests.kernels.gpu_compile < cases.json
 
-Each case is ``{"module", "kernel", "constants", "dtype", "arch", "typed": [pointer args of the data dtype],
-"ints": [int32 args]}``; other arguments are fp32 pointers. Prints a JSON list of byte counts. The interpreter has
-no compiler, so the tests run this in a subprocess with ``TRITON_INTERPRET=0`` (:func:`shared_memory`).
+A case is a JSON object:
+
+- ``module``, ``kernel``: where the kernel lives (a ``@triton.jit`` function, bare or under ``@triton.autotune`` /
+  ``@triton.heuristics``, which are unwrapped: give the configuration's values in ``constants``);
+- ``constants``: the constexpr arguments; a string ``"tl.<dtype>"`` stands for that Triton dtype (a ``DT``
+  argument), ``null`` for ``None``;
+- ``dtype`` (e.g. ``"bf16"``) and ``typed``: the pointer arguments of that data dtype;
+- ``ints``: the int32 scalar arguments;
+- ``types`` (optional): other arguments' Triton signature types, e.g. ``{"qweight": "*i32", "scale": "fp32"}``;
+- ``divisible`` (optional): int arguments that are multiples of 16 at the shapes checked (the JIT specialises
+  them, which widens vector loads);
+- ``arch``: the compute capability (``90``: H100, ``80``: A100);
+- ``num_warps`` (optional, default 8) and ``num_stages`` (optional, default Triton's 3): the launch options.
+
+Every argument not named is an fp32 pointer. Pointers are 16-byte aligned, as torch's allocations are (the JIT
+specialises that too). Prints a JSON list of byte counts. The interpreter has no compiler, so the tests run this in a
+subprocess with ``TRITON_INTERPRET=0`` (:func:`shared_memory`), which compiles on every CPU core.
 """
 
 from __future__ import annotations
@@ -13,46 +27,99 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _jit_function(case: dict):
+    """The ``JITFunction`` of the case's kernel, under any autotune / heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _constant(value):
+    """A constexpr value from JSON: ``"tl.<dtype>"`` is that Triton dtype."""
+    import triton.language as tl
+
+    if isinstance(value, str) and value.startswith("tl."):
+        return getattr(tl, value[3:])
+    return value
+
+
 def _compile_case(case: dict) -> int:
+    """Bytes of shared memory of one case's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
-    constants = case["constants"]
-    signature = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    kernel = _jit_function(case)
+    constants = {name: _constant(value) for name, value in case["constants"].items()}
+    given_types, divisible = case.get("types", {}), set(case.get("divisible", ()))
+    signature, attrs = {}, {}
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constants:
             signature[name] = "constexpr"
+            continue
+        if name in given_types:
+            signature[name] = given_types[name]
         elif name in case["ints"]:
             signature[name] = "i32"
         else:
             signature[name] = f"*{case['dtype']}" if name in case["typed"] else "*fp32"
+        if signature[name].startswith("*") or name in divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": case.get("num_warps", 8)}
+    if "num_stages" in case:
+        options["num_stages"] = case["num_stages"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(ASTSource(kernel, signature, constants),
-                                  target=GPUTarget("cuda", case["arch"], 32), options={"num_warps": 8})
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
+                                  target=GPUTarget("cuda", case["arch"], 32), options=options)
     return compiled.metadata.shared
 
 
 def shared_memory(cases: list[dict]) -> list[int]:
-    """Bytes of shared memory of each case, compiled in a fresh process without the interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    """Bytes of shared memory of each case, compiled without the interpreter in a fresh process."""
     done = subprocess.run([sys.executable, "-m", "tests.kernels.gpu_compile"], input=json.dumps(cases), text=True,
-                          capture_output=True, cwd=REPO, env=env, check=False)
+                          capture_output=True, cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "0"}, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"compiling for the GPU failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _main() -> None:
+    """Compile the cases on stdin, one at a time per CPU core: the kernel modules are imported once, then forked
+    workers take the next case as they finish one (compile times range from 0.2 s to over a minute).
+
+    The package's ``__init__`` is skipped (a bare ``hf_plugins`` package stands in for it): it registers the
+    plugins with transformers, which takes seconds, and kernel modules import only torch, triton and modules of
+    their own (``hf_plugins._env``, ``hf_plugins.kernels``).
+    """
+    cases = json.load(sys.stdin)
+    package = types.ModuleType("hf_plugins")
+    package.__path__ = [str(REPO / "hf_plugins")]
+    sys.modules["hf_plugins"] = package
+    for module in {case["module"] for case in cases}:
+        importlib.import_module(module)
+    workers = min(len(cases), len(os.sched_getaffinity(0)))
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            shared = pool.map(_compile_case, cases, chunksize=1)
+    else:
+        shared = [_compile_case(case) for case in cases]
+    print(json.dumps(shared))
+
+
 if __name__ == "__main__":
-    print(json.dumps([_compile_case(case) for case in json.load(sys.stdin)]))
+    _main()
