@@ -273,23 +273,26 @@ SHARED_MEMORY = {90: 232448, 80: 166912}
 
 @pytest.mark.parametrize(("dtype", "arch"), [("fp32", 90), ("fp16", 80)], ids=["fp32-sm90", "fp16-sm80"])
 def test_kernels_compile_within_the_gpus_shared_memory(dtype, arch):
-    # the largest register-held transform and a staged one, every feature on (the most live tiles)
+    # the largest register-held transform and a staged one, every feature on (the most live tiles) and every one
+    # off (the lone-row, ungated branches)
     precision = fft_triton._PRECISION[{"fp32": torch.float32, "fp16": torch.float16}[dtype]]
-    flags = {"HAS_PRE": True, "HAS_POST": True, "PREC": precision}
-    conv_flags = {**flags, "STORE_Z": True, "PAIRED": True, "REVERSE": True}
     N1, N2 = fft_triton._factors(fft_triton.WHOLE_MAX_FFT)
     whole = {"N1": N1, "N2": N2, "NH": fft_triton._half(N2)}
     M = 1 << 17
     staged_args = fft_triton._digit_args(M)
-    kernels = {"_whole_conv_kernel": {**whole, **conv_flags},
-               "_whole_filter_grad_kernel": {**whole, "NOUT": N2, **flags},
-               "_staged_conv_kernel": {**staged_args, "DL": fft_digits(M)[-1], "CB": 16, **conv_flags},
-               "_staged_filter_grad_kernel": {**staged_args, "NOUT": fft_digits(M)[0], **flags}}
+    kernels = []
+    for on in (True, False):
+        flags = {"HAS_PRE": on, "HAS_POST": on, "PREC": precision}
+        conv_flags = {**flags, "STORE_Z": on, "PAIRED": on, "REVERSE": on}
+        kernels += [("_whole_conv_kernel", {**whole, **conv_flags}),
+                    ("_whole_filter_grad_kernel", {**whole, "NOUT": N2, **flags}),
+                    ("_staged_conv_kernel", {**staged_args, "DL": fft_digits(M)[-1], "CB": 16, **conv_flags}),
+                    ("_staged_filter_grad_kernel", {**staged_args, "NOUT": fft_digits(M)[0], **flags})]
     cases = [{"module": fft_triton.__name__, "kernel": name, "constants": constants, "dtype": dtype, "arch": arch,
               "typed": ["x", "y", "z", "pre", "post", "dy"], "ints": ["batch", "channels", "seq", "KEEP", "taps"]}
-             for name, constants in kernels.items()]
-    for name, shared in zip(kernels, shared_memory(cases)):
-        assert 0 < shared <= SHARED_MEMORY[arch], f"{name}: {shared} bytes of shared memory"
+             for name, constants in kernels]
+    for (name, constants), shared in zip(kernels, shared_memory(cases)):
+        assert 0 < shared <= SHARED_MEMORY[arch], f"{name} {constants}: {shared} bytes of shared memory"
 
 
 @pytest.mark.gpu
