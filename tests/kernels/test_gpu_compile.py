@@ -230,31 +230,12 @@ def w4ax_cases(route: str) -> list[dict]:
     return cases
 
 
-@pytest.mark.usefixtures("gpu_launchers")
-@pytest.mark.parametrize("route", ROUTES)
-def test_awq_gemm_kernels_fit(route):
-    assert_all_fit(*compiled(awq_cases)[route])
+FAMILIES = {"awq_gemm": awq_cases, "bitplane_gemm": bitplane_cases, "gla": gla_cases, "kv4_attention": kv4_cases,
+            "w4ax_gemm": w4ax_cases}
 
 
 @pytest.mark.usefixtures("gpu_launchers")
 @pytest.mark.parametrize("route", ROUTES)
-def test_bitplane_gemm_kernels_fit(route):
-    assert_all_fit(*compiled(bitplane_cases)[route])
-
-
-@pytest.mark.usefixtures("gpu_launchers")
-@pytest.mark.parametrize("route", ROUTES)
-def test_gla_kernels_fit(route):
-    assert_all_fit(*compiled(gla_cases)[route])
-
-
-@pytest.mark.usefixtures("gpu_launchers")
-@pytest.mark.parametrize("route", ROUTES)
-def test_kv4_attention_kernels_fit(route):
-    assert_all_fit(*compiled(kv4_cases)[route])
-
-
-@pytest.mark.usefixtures("gpu_launchers")
-@pytest.mark.parametrize("route", ROUTES)
-def test_w4ax_gemm_kernels_fit(route):
-    assert_all_fit(*compiled(w4ax_cases)[route])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_fit_the_gpus_shared_memory(family, route):
+    assert_all_fit(*compiled(FAMILIES[family])[route])
