@@ -1,8 +1,10 @@
 """Helpers shared by the GPU kernel benchmarks: medians from ``do_bench`` (eager and CUDA graph), weight copies
-rotated so every timed call streams its weights from HBM instead of L2, ratio cells and the JSON report."""
+rotated so every timed call streams its weights from HBM instead of L2, ratio cells, the command line and the
+JSON report."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -10,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROTATE_BYTES = 256 << 20
 """Weights cycled per timing: several times a Hopper L2 (50-60 MB), so every call reads HBM."""
 
@@ -62,6 +65,24 @@ def ratio_text(value: float | None) -> str:
     return "    -" if value is None else f"{value:5.2f}x"
 
 
+def benchmark_parser(doc: str, dry_help: str = "tiny shapes under the Triton interpreter (CPU)"
+                     ) -> argparse.ArgumentParser:
+    """The options every GPU benchmark takes (``--dry-run``, ``--out``), described by the first paragraph of
+    ``doc``; a benchmark adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help=dry_help)
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
+    return parser
+
+
+def finish(name: str, rows: list[dict], targets: list[str], args: argparse.Namespace, passed: bool) -> int:
+    """Print the target lines, write the report (:func:`write_report`) and return the exit status: 0 when every
+    route ``passed`` its correctness check."""
+    print("\n".join(targets))
+    write_report(name, rows, targets, args.dry_run, args.out, RESULTS)
+    return 0 if passed else 1
+
+
 def write_report(name: str, rows: list[dict], targets: list[str], dry_run: bool, out: str | None,
                  results: Path) -> None:
     """Write ``{name}-{date}-{card}.json`` to ``out``, else ``$OUT``, else ``results`` (nowhere for a dry run
@@ -74,5 +95,6 @@ def write_report(name: str, rows: list[dict], targets: list[str], dry_run: bool,
     folder = out or os.environ.get("OUT") or (None if dry_run else results)
     if folder is not None:
         path = Path(folder) / f"{name}-{datetime.date.today()}-{card}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")

@@ -17,7 +17,6 @@ largest M.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from hf_plugins.quantizers.bipolar.weights import quantize_weight_bipolar  # noq
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, cycled, finish, ratio_text, rotating, timer_for  # noqa: E402
 
 CONFIGS = ("w2a16", "w3a16", "w4a16", "w8a16", "w1a2", "w2a2", "w4a4", "w8a8")
 SIZES, BATCHES = (4096, 8192), (1, 16, 128, 1024, 4096)
@@ -129,12 +128,10 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
     args = parser.parse_args(argv)
     for config in args.configs:
         parse_config(config)
@@ -143,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or (DRY_BATCHES if args.dry_run else BATCHES)
     rows = [row for size in sizes for row in bench_size(size, batches, args.configs, device, args.dry_run)]
     summary = targets(rows)
-    print("\n".join(summary))
-    write_report("bitplane_gemm", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["checked"] for row in rows) else 1
+    return finish("bitplane_gemm", rows, summary, args, all(row["checked"] for row in rows))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Target (FlashFFTConv's README reports 5.4-7.9x over PyTorch at these shapes): fo
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from hf_plugins.kernels.fftconv.triton import fft_conv_triton  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, cycled, finish, ratio_text, rotating, timer_for  # noqa: E402
 
 BATCH, HIDDEN = 64, 768
 LENGTHS = [256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -170,9 +169,7 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="*", default=None, help="sequence lengths (default: all)")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
@@ -181,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for seq in lengths for dtype_name in DTYPES
             for row in bench_size(batch, hidden, seq, dtype_name, device, args.dry_run)]
     summary = targets(rows)
-    print("\n".join(summary))
-    write_report("fftconv", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["checked"] for row in rows) else 1
+    return finish("fftconv", rows, summary, args, all(row["checked"] for row in rows))
 
 
 if __name__ == "__main__":

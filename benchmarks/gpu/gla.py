@@ -25,7 +25,6 @@ T >= 8k.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from hf_plugins.kernels.gla.triton import chunk_gla_triton  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import ratio_text, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, finish, ratio_text, timer_for  # noqa: E402
 
 try:
     from fla.ops.gla import chunk_gla as fla_chunk_gla
@@ -182,9 +181,7 @@ def targets(rows: list[dict], long_from: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     tokens, hidden = (DRY_TOKENS, DRY_HIDDEN) if args.dry_run else (TOKENS, HIDDEN)
@@ -192,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for dim in dims for length in lengths
             for row in bench_shape(tokens, hidden, length, dim, device, args.dry_run)]
     summary = targets(rows, DRY_LONG if args.dry_run else LONG)
-    print("\n".join(summary))
-    write_report("gla", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["status"] != "CHECK FAILED" for row in rows) else 1
+    return finish("gla", rows, summary, args, all(row["status"] != "CHECK FAILED" for row in rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Target (issue): >= 2x end to end for the training step.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from hf_plugins.attention import hyena as hyena_module  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import ratio_text, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, finish, ratio_text, timer_for  # noqa: E402
 
 SIZES = {"hidden": 768, "layers": 12, "batch": 8, "lengths": (1024, 4096, 16384)}
 DRY_SIZES = {"hidden": 32, "layers": 2, "batch": 2, "lengths": (64,)}
@@ -88,10 +87,8 @@ def bench_length(sizes: dict, seq: int, device: str, dry_run: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="a tiny model under the Triton interpreter (CPU)")
+    parser = benchmark_parser(__doc__, "a tiny model under the Triton interpreter (CPU)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["HF_PLUGINS_BACKEND"] = "triton"  # the interpreter runs our Triton kernels on CPU tensors
@@ -100,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_length(sizes, seq, device, args.dry_run) for seq in (args.lengths or sizes["lengths"])]
     summary = [f"T={row['seq']}: {row['speedup']:.2f}x torch.fft (target >= 2x): "
                f"{'ok' if row['speedup'] >= 2 else 'MISSED'}" for row in rows if row["speedup"] is not None]
-    print("\n".join(summary))
-    write_report("hyena_train", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["checked"] for row in rows) else 1
+    return finish("hyena_train", rows, summary, args, all(row["checked"] for row in rows))
 
 
 if __name__ == "__main__":

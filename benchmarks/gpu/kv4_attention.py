@@ -20,7 +20,6 @@ element instead of 16.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from hf_plugins.kernels.w4ax_gemm.reference import pack_int4  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, cycled, finish, ratio_text, rotating, timer_for  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 KEY_GROUP, VALUE_GROUP = 32, 64  # the KV4 cache's defaults
@@ -104,17 +103,13 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     rows = [row for batch, tokens in (DRY_SIZES if args.dry_run else SIZES)
             for row in bench_size(batch, tokens, device, args.dry_run)]
     summary = targets(rows)
-    print("\n".join(summary))
-    write_report("kv4_attention", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["checked"] for row in rows) else 1
+    return finish("kv4_attention", rows, summary, args, all(row["checked"] for row in rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Targets (issue): >= 1.6x bf16 at M >= 512 and >= 1.3x at M = 2..8, on 4096x4096 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from hf_plugins.kernels.w4ax_gemm.triton import w4ax_linear_triton  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_timing import cycled, ratio_text, rotating, timer_for, write_report  # noqa: E402
+from _gpu_timing import benchmark_parser, cycled, finish, ratio_text, rotating, timer_for  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336))  # (K, N)
 BATCHES = (1, 2, 4, 8, 16, 64, 512, 2048, 8192)
@@ -106,19 +105,15 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results/)")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     batches = args.batches or (DRY_BATCHES if args.dry_run else BATCHES)
     rows = [row for K, N in shapes for row in bench_shape(K, N, batches, device, args.dry_run)]
     summary = targets(rows)
-    print("\n".join(summary))
-    write_report("w4ax_gemm", rows, summary, args.dry_run, args.out, REPO / "benchmarks" / "results")
-    return 0 if all(row["checked"] for row in rows) else 1
+    return finish("w4ax_gemm", rows, summary, args, all(row["checked"] for row in rows))
 
 
 if __name__ == "__main__":
