@@ -60,8 +60,8 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None, ke
         from .triton import fft_conv_triton
 
         return fft_conv_triton(u, k, kernel_len, keep_frequencies, pre_gate, post_gate)
-    math = torch.promote_types(u.dtype, torch.float32)
-    w = u if pre_gate is None else u.to(math) * pre_gate.to(math)
+    compute = torch.promote_types(u.dtype, torch.float32)
+    w = u if pre_gate is None else u.to(compute) * pre_gate.to(compute)
     if chosen == "reference" and keep_frequencies is None:
         y = fft_conv_direct_reference(w, k, kernel_len)
     elif chosen == "reference":
@@ -69,5 +69,5 @@ def fft_conv(u: torch.Tensor, k: torch.Tensor, kernel_len: int | None = None, ke
     else:
         y = fft_conv_cpu(w, k, kernel_len, keep_frequencies)
     if post_gate is not None:
-        y = y.to(math) * post_gate.to(math)
+        y = y.to(compute) * post_gate.to(compute)
     return y.to(u.dtype)

@@ -599,13 +599,12 @@ def _launch(x: torch.Tensor, spectrum: tuple[torch.Tensor, torch.Tensor], keep: 
         _whole_conv_kernel[(programs,)](x, pre, post, y, z_arg, *spectrum, *_dft_matrices(M, x.device), batch,
                                         channels, seq, N1=N1, N2=N2, NH=_half(N2), **flags, **_num_warps(M))
         return y, z
-    args = _digit_args(M)
-    sparse_block = min(MIN_DIGIT, fft_digits(M)[-1])
+    last = fft_digits(M)[-1]  # the frequency digit: whole, or in skippable MIN_DIGIT-wide blocks when sparse
     programs = _programs(items, x.device, 4, 2 * M)
     scratch = torch.empty((programs, 2, M), dtype=torch.float32, device=x.device)
     _staged_conv_kernel[(programs,)](x, pre, post, y, z_arg, *spectrum, *_twiddles(M, x.device), scratch, batch,
-                                     channels, seq, keep if keep > 0 else M, DL=fft_digits(M)[-1],
-                                     CB=sparse_block if keep > 0 else fft_digits(M)[-1], **args, **flags,
+                                     channels, seq, keep if keep > 0 else M, DL=last,
+                                     CB=min(MIN_DIGIT, last) if keep > 0 else last, **_digit_args(M), **flags,
                                      **_num_warps(M))
     return y, z
 
