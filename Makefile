@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hf-plugins-installed
 
-.PHONY: install demo test test-fast bench assets clean
+.PHONY: install demo test test-fast test-avx2 bench assets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: assets
 
 test: assets
 	$(PY) -m pytest -q -ra
+
+# The whole suite as an AVX2-only CPU runs it (ATen's kernels and oneDNN capped to AVX2), on an AVX-512/AMX machine.
+test-avx2: assets
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -ra
 
 # Local convenience only; CI always runs the whole suite.
 test-fast: install

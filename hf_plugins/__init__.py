@@ -54,6 +54,7 @@ __all__ = [
     "disable_speculative",
     "enable_speculative",
     "evaluation",
+    "hardware",
     "parallel",
     "quantize",
     "register_lora",
@@ -63,7 +64,7 @@ __all__ = [
 
 register_all()
 
-_LAZY_SUBMODULES = ("assets", "evaluation", "parallel")
+_LAZY_SUBMODULES = ("assets", "evaluation", "hardware", "parallel")
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""The ``hf-plugins`` command: demo, quantize, eval, generate (plain or speculative). Uses only the public API."""
+"""The ``hf-plugins`` command: demo, quantize, eval, generate (plain or speculative), bench hw. Uses only the public
+API."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the results here")
 
     add_generate_parser(sub)
+
+    bench = sub.add_parser("bench", help="measure this machine")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    hardware = bench_sub.add_parser("hw", help="this machine's roofline: matmul peak per dtype, memory bandwidth, "
+                                               "host cost of one op call")
+    hardware.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    hardware.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
+    hardware.add_argument("--json", type=Path, help="also write the figures here (atomically)")
     return parser
 
 
@@ -134,6 +143,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_hw(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import hardware
+    from .assets._store import atomic_write_json
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+    roofline = hardware.measure(args.device)
+    print(f"{roofline.device}, {roofline.threads} thread(s)")
+    for dtype, routes in roofline.matmul_tflops.items():
+        unit = "TOPS" if dtype == "int8" else "TFLOPS"
+        print(f"  matmul {dtype:>5}: " + ", ".join(f"{route} {value:.3f} {unit}" for route, value in routes.items()))
+    print("  bandwidth: " + ", ".join(f"{name} {value:.1f} GB/s" for name, value in roofline.bandwidth_gbs.items()))
+    print("  one call: " + ", ".join(f"{name} {value:.1f} us" for name, value in roofline.call_us.items()))
+    if roofline.reference:
+        print(f"  published ({roofline.reference['source']}, {roofline.reference['card']}): " + ", ".join(
+            f"{name} {value}" for name, value in roofline.reference.items() if name not in ("source", "card")))
+    if args.json:
+        atomic_write_json(args.json, roofline.as_dict())
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .demo import load_any
 
@@ -148,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": _cmd_quantize,
         "eval": _cmd_eval,
         "generate": _cmd_generate,
+        "bench": _cmd_bench_hw,
     }
     try:
         return commands[args.command](args)

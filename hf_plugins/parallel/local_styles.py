@@ -75,7 +75,7 @@ class LocalColwise(TensorParallelLayer):
     def __init__(self, gather_output: bool) -> None:
         self.gather_output = gather_output
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
         group = mesh.get_group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         _keep_features(module, "out", *_feature_range(module, "out", rank, world))
@@ -100,7 +100,7 @@ class LocalRowwise(TensorParallelLayer):
     def __init__(self, split_input: bool) -> None:
         self.split_input = split_input
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
         group = mesh.get_group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         start, stop = _feature_range(module, "in", rank, world)

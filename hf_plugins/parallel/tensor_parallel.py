@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
+from .._compat import shard_param
 from .local_styles import LOCAL_STYLE_NAMES, shards_itself
 from .head_counts import HeadLayout, attention_modules, has_native_tp_plan, localize_head_counts
 from .tp_plan import check_heads_divide, derive_flow, example_inputs, plan_from_flow, plan_styles
@@ -176,7 +177,7 @@ def _shard_tied(model: nn.Module, alias: str, owner: str, style, mesh: DeviceMes
     (vocabulary-parallel embedding and head both shard the vocabulary rows); otherwise they stay separate."""
     module_name, _, param_name = alias.rpartition(".")
     module = model.get_submodule(module_name)
-    style.shard_param(module, param_name, mesh)
+    shard_param(style, module, param_name, mesh, model)
     sharded, shared = module._parameters[param_name], model.get_parameter(owner)
     if isinstance(sharded, DTensor) and isinstance(shared, DTensor) and sharded.placements == shared.placements:
         module._parameters[param_name] = shared

@@ -1,4 +1,10 @@
-"""The oneDNN dense linear against its float64 reference, and the FastLinear switch."""
+"""The oneDNN dense linear against its float64 reference, the per-dtype route check, and the FastLinear switch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,25 +18,112 @@ from hf_plugins.kernels.dense_linear import (
     fast_linears,
     use_fast_linears,
 )
-from hf_plugins.kernels.dense_linear.cpu import onednn_linear_available
+from hf_plugins.kernels.dense_linear import cpu as onednn
 from tests.tolerances import assert_close_kernel
 
-pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
-
 SHAPES = [((1, 37), 23), ((6, 129), 257), ((2, 5, 64), 96), ((3, 1, 1, 200), 7)]
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize(("x_shape", "out_features"), SHAPES, ids=lambda v: str(v))
-def test_onednn_linear_matches_reference(x_shape, out_features, bias, dtype):
+def _problem(x_shape, out_features, bias, dtype):
     gen = torch.Generator().manual_seed(sum(x_shape) + out_features)
     x = torch.randn(x_shape, generator=gen).to(dtype)
     weight = torch.randn(out_features, x_shape[-1], generator=gen).to(dtype)
     b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
-    expected = dense_linear_reference(x, weight, b)
-    assert_close_kernel(dense_linear_cpu(x, weight, b), expected, dtype)
-    assert_close_kernel(dense_linear(x, weight, b), expected, dtype)
+    return x, weight, b
+
+
+@pytest.fixture
+def fresh_support_check():
+    """Forget the cached per-dtype support decision before and after the test (it may force a capability)."""
+    onednn.onednn_linear_supports.cache_clear()
+    yield
+    onednn.onednn_linear_supports.cache_clear()
+
+
+@DTYPES
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(("x_shape", "out_features"), SHAPES, ids=lambda v: str(v))
+def test_onednn_linear_matches_reference(x_shape, out_features, bias, dtype):
+    if not onednn.onednn_linear_supports(dtype):
+        pytest.skip(f"oneDNN has no {dtype} linear on this CPU ({torch.backends.cpu.get_cpu_capability()}); "
+                    "the plain-route tests below cover it")
+    x, weight, b = _problem(x_shape, out_features, bias, dtype)
+    assert_close_kernel(dense_linear_cpu(x, weight, b), dense_linear_reference(x, weight, b), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize(("x_shape", "out_features"), SHAPES, ids=lambda v: str(v))
+def test_dense_linear_matches_reference_on_this_machine(x_shape, out_features, dtype):
+    x, weight, b = _problem(x_shape, out_features, True, dtype)
+    assert_close_kernel(dense_linear(x, weight, b), dense_linear_reference(x, weight, b), dtype)
+
+
+def test_bf16_without_the_cpu_capability_takes_the_plain_route(monkeypatch, fresh_support_check):
+    monkeypatch.setattr(onednn, "cpu_has_onednn_bf16", lambda: False)
+    x, weight, b = _problem((3, 5, 64), 96, True, torch.bfloat16)
+    assert not onednn.onednn_linear_supports(torch.bfloat16)
+    assert onednn.onednn_linear_supports(torch.float32) == onednn.onednn_linear_available()
+    assert torch.equal(dense_linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+    with pytest.raises(TypeError, match="oneDNN has no torch.bfloat16 linear on this CPU .*use dense_linear"):
+        dense_linear_cpu(x, weight, b)
+
+
+def test_a_failing_onednn_primitive_takes_the_plain_route(monkeypatch, fresh_support_check):
+    def no_primitive(*args):
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+
+    monkeypatch.setattr(onednn, "cpu_has_onednn_bf16", lambda: True)  # the query says yes, the primitive says no
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", no_primitive)
+    x, weight, b = _problem((2, 37), 23, False, torch.bfloat16)
+    assert torch.equal(dense_linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+    assert not onednn.onednn_linear_supports(torch.float32)
+
+
+_AVX2_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import hf_plugins
+    from hf_plugins.kernels.dense_linear import cpu, dense_linear
+    from tests.quantizers.tiny_models import VOCAB_SIZE, tiny_model
+    torch.set_num_threads(1)
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+    assert not cpu.onednn_linear_supports(torch.bfloat16) and cpu.onednn_linear_supports(torch.float32)
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    assert torch.equal(dense_linear(x, w), torch.nn.functional.linear(x, w))
+    target = tiny_model("llama")[0].to(torch.bfloat16)
+    draft = hf_plugins.self_draft(target, bits=None, layers=1)
+    prompt = torch.randint(3, VOCAB_SIZE, (1, 12), generator=torch.Generator().manual_seed(0))
+    plain = target.generate(prompt, max_new_tokens=16, do_sample=False)
+    out = target.generate(prompt, assistant_model=draft, max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, plain), (out, plain)
+    print("ok")
+    """
+)
+
+
+def test_bf16_speculative_decoding_on_an_avx2_cpu_in_subprocess():
+    """AVX2-only CPUs have no oneDNN bf16 linear: emulate one (ATen and oneDNN capped to AVX2) and decode a bf16
+    model speculatively through the CPU fast linears, which must take F.linear for bf16 there."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("ATEN_CPU_CAPABILITY=avx2 needs an x86 CPU with AVX2")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=repo)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not onednn.onednn_linear_available(), reason="torch built without oneDNN")
+def test_supported_dtypes_are_routed_to_onednn(monkeypatch, fresh_support_check):
+    calls = []
+    routed = onednn.dense_linear_cpu
+    monkeypatch.setattr("hf_plugins.kernels.dense_linear.dense_linear_cpu",
+                        lambda *args: calls.append(args[0].dtype) or routed(*args))
+    for dtype in (torch.float32, torch.bfloat16):
+        dense_linear(*_problem((2, 37), 23, True, dtype))
+    expected = [d for d in (torch.float32, torch.bfloat16) if onednn.onednn_linear_supports(d)]
+    assert calls == expected and torch.float32 in expected
 
 
 def test_onednn_linear_refuses_mixed_dtypes_with_the_way_out():

@@ -2,7 +2,8 @@
 NVIDIA GPU within its shared memory, at the configurations its launcher uses: every autotuning config, the fixed
 tiling of explicit calls, and the constexprs of realistic model shapes (Llama-8B-like GEMMs, head dims 64 and 128,
 GLA's chunk sizes). The interpreter tests cannot see a kernel that would stop with "out of resources" on an H100
-or an A100; these compile it with ptxas (:mod:`tests.kernels.gpu_compile`), no GPU needed.
+or an A100; these compile it for the card's architecture through Triton's passes (:mod:`tests.kernels.gpu_compile`),
+no GPU needed.
 
 Routes: fp32 and bf16 activations on sm_90 (H100), fp16 on sm_80 (A100). Each launcher's tiling comes from its
 own code, with ``_INTERPRETER`` patched off so it picks the GPU values.
@@ -18,6 +19,7 @@ import triton
 
 from hf_plugins.kernels.awq_gemm import triton as awq_triton
 from hf_plugins.kernels.bitplane_gemm import triton as bitplane_triton
+from hf_plugins.kernels.dot_loop import triton as dot_loop_triton
 from hf_plugins.kernels.gla import triton as gla_triton
 from hf_plugins.kernels.kv4_attention import triton as kv4_triton
 from hf_plugins.kernels.w4ax_gemm import reference as w4ax_reference
@@ -230,8 +232,19 @@ def w4ax_cases(route: str) -> list[dict]:
     return cases
 
 
+def dot_loop_cases(route: str) -> list[dict]:
+    """The tensor-core probe ``hf-plugins bench hw`` times, at its 128x128x64 tiles with 8 warps: the route's
+    float dtype, and int8."""
+    constants = {"BM": 128, "BN": 128, "BK": 64}
+    options = {"num_warps": 8}
+    return [case(dot_loop_triton, "dot_loop_kernel", route, {**constants, "ACC": "tl.float32"}, options,
+                 typed=["a_ptr", "b_ptr"], ints=["iters"]),
+            case(dot_loop_triton, "dot_loop_kernel", route, {**constants, "ACC": "tl.int32"}, options, ints=["iters"],
+                 types={"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*i32"})]
+
+
 FAMILIES = {"awq_gemm": awq_cases, "bitplane_gemm": bitplane_cases, "gla": gla_cases, "kv4_attention": kv4_cases,
-            "w4ax_gemm": w4ax_cases}
+            "w4ax_gemm": w4ax_cases, "dot_loop": dot_loop_cases}
 
 
 @pytest.mark.usefixtures("gpu_launchers")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import choose_backend
-from .cpu import SUPPORTED_DTYPES, dense_linear_cpu, onednn_linear_available
+from .cpu import dense_linear_cpu, onednn_linear_supports
 from .reference import dense_linear_reference
 
 __all__ = [
@@ -32,18 +32,17 @@ def dense_linear(
 ) -> torch.Tensor:
     """``x [..., in]``, ``weight [out, in]``, ``bias [out]`` -> ``[..., out]``.
 
-    On CPU the oneDNN path serves inference in fp32/bf16; autograd, other dtypes and builds without oneDNN use
-    ``F.linear`` (same math, the stock kernel).
+    On CPU the oneDNN path serves inference in the dtypes it runs on this machine (fp32; bf16 where the CPU has
+    AVX-512); autograd, other dtypes and builds without oneDNN use ``F.linear`` (same math, the stock kernel).
     """
     chosen = choose_backend("dense_linear", x.device, backend)
     if chosen == "reference":
         return dense_linear_reference(x, weight, bias)
     if (
         chosen == "cpu"
-        and x.dtype in SUPPORTED_DTYPES
         and weight.dtype == x.dtype
-        and onednn_linear_available()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and onednn_linear_supports(x.dtype)
     ):
         return dense_linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
