@@ -3,7 +3,10 @@
 For every distinct layer shape, after a correctness check of both CPU kernels against the float64 reference,
 times fp32 ``F.linear`` (the baseline, same process), the int4pack kernel, the dequant + sgemm kernel, and reports
 which one :func:`hf_plugins.kernels.awq_gemm.cpu.use_int4pack` picks. Ratios are baseline time / kernel time
-(> 1 is faster than fp32). Also reports in-memory weight bytes vs bf16.
+(> 1 is faster than fp32). Also reports in-memory weight bytes vs bf16, and each time as a fraction of this
+machine's roofline (``hf-plugins bench hw``, measured here at each thread count): the bytes a call must move
+(weights as stored, activations in, outputs out) at the STREAM triad bandwidth, or its FLOPs at the fp32 / bf16
+matmul peak, whichever takes longer, over the measured time.
 
     python benchmarks/awq_cpu_layers.py [--threads 1,2] [--rows 1,8,64] [--min-time 0.3]
 
@@ -27,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
 from hf_plugins.kernels.awq_gemm import awq_dequantize, awq_gemm_reference, pack_awq, prepack  # noqa: E402
+from hf_plugins.hardware import Roofline, measure_cpu  # noqa: E402
 from hf_plugins.kernels.awq_gemm import cpu as awq_cpu  # noqa: E402
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error  # noqa: E402
 
@@ -75,7 +79,21 @@ def check_kernels(x: torch.Tensor, tensors: tuple, weight: awq_cpu.CpuAwqWeight)
     return errors
 
 
-def bench_shape(in_features: int, out_features: int, rows_list: list[int], threads_list: list[int], min_time: float):
+def roofline_fractions(roofline: Roofline, rows: int, in_features: int, out_features: int, weight_bytes: int,
+                       timings: dict) -> dict[str, float]:
+    """Each timed route's fraction of the roofline: fp32 ``F.linear`` reads fp32 weights, the int4 kernels their
+    packed bytes; all read fp32 inputs and write fp32 outputs."""
+    activation_bytes = 4 * rows * (in_features + out_features)
+    flops = 2 * rows * in_features * out_features
+    weights = {"fp32_linear": 4 * in_features * out_features}
+    dtypes = {"fp32_linear": "fp32", **{name: "bf16" if dt == torch.bfloat16 else "fp32"
+                                        for name, dt in KERNEL_DTYPE.items()}}
+    return {name: roofline.fraction(t.median_ms / 1e3, weights.get(name, weight_bytes) + activation_bytes, flops,
+                                    dtypes[name]) for name, t in timings.items()}
+
+
+def bench_shape(in_features: int, out_features: int, rows_list: list[int], threads_list: list[int], min_time: float,
+                rooflines: dict[int, Roofline]):
     """Time one layer shape; returns a list of result rows (one per threads x rows)."""
     tensors = random_awq_layer(in_features, out_features)
     weight = prepack(*tensors, GROUP_SIZE)
@@ -90,7 +108,10 @@ def bench_shape(in_features: int, out_features: int, rows_list: list[int], threa
                 timings = {name: time_fn(lambda k=kernel: k(x, weight), min_time_s=min_time) for name, kernel in
                            KERNELS.items() if name in errors}
                 chosen = "int4pack" if awq_cpu.use_int4pack(rows, weight) else "dequant"
+                fractions = roofline_fractions(rooflines[threads], rows, in_features, out_features, weight.nbytes(),
+                                               {"fp32_linear": base, **timings})
                 results.append({
+                    "roofline_fraction": fractions,
                     "threads": threads,
                     "rows": rows,
                     "fp32_linear": base.as_dict(),
@@ -106,7 +127,7 @@ def bench_shape(in_features: int, out_features: int, rows_list: list[int], threa
 def print_table(model: str, shapes: list[tuple], measured: dict) -> None:
     print(f"\n{model} (group {GROUP_SIZE}; ms are medians; x = fp32 time / kernel time; (min) = ratio of minima)")
     header = f"{'layer':8} {'in x out':>11} {'thr':>3} {'M':>3} {'fp32 ms':>8} {'int4pack':>15} {'dequant':>15} " \
-             f"{'chosen':>9} {'vs fp32':>7} {'(min)':>6} {'load':>5} {'bytes/bf16':>10}"
+             f"{'chosen':>9} {'vs fp32':>7} {'(min)':>6} {'roofline':>8} {'load':>5} {'bytes/bf16':>10}"
     print(header)
     for roles, k, n in shapes:
         shape = measured[f"{k}x{n}"]
@@ -118,6 +139,7 @@ def print_table(model: str, shapes: list[tuple], measured: dict) -> None:
                 cells.append(f"{ms:7.3f} ({base / ms:4.2f}x)")
             print(f"{roles:8} {f'{k}x{n}':>11} {t['threads']:>3} {t['rows']:>3} {base:8.3f} {cells[0]:>15} "
                   f"{cells[1]:>15} {t['chosen']:>9} {t['speedup_chosen']:6.2f}x {t['speedup_chosen_min']:5.2f}x "
+                  f"{t['roofline_fraction'][t['chosen']]:8.0%} "
                   f"{t['fp32_linear']['other_cores_busy']:5.2f}"
                   f" {shape['weight_bytes'] / shape['bf16_bytes']:9.1%}")
 
@@ -155,9 +177,15 @@ def main() -> None:
         "group_size": GROUP_SIZE,
         "models": {},
     }
+    rooflines = {}
+    for threads in threads_list:
+        with pinned_threads(threads):
+            rooflines[threads] = measure_cpu()
+    report["roofline"] = {threads: roofline.as_dict() for threads, roofline in rooflines.items()}
     for model in args.models.split(","):
         shapes = MODELS[model]
-        measured = {f"{k}x{n}": bench_shape(k, n, rows_list, threads_list, args.min_time) for _, k, n in shapes}
+        measured = {f"{k}x{n}": bench_shape(k, n, rows_list, threads_list, args.min_time, rooflines)
+                    for _, k, n in shapes}
         print_table(model, shapes, measured)
         summary = block_summary(shapes, measured)
         for s in summary:

@@ -4,6 +4,8 @@
   Default: ``$XDG_CACHE_HOME/hf-plugins`` or ``~/.cache/hf-plugins``.
 - ``HF_PLUGINS_BACKEND``: force the kernel backend for every op: ``auto`` (default: by device),
   ``reference``, ``cpu`` or ``triton``.
+- ``HF_PLUGINS_ROUTE``: force one route of every op that has it (e.g. ``onednn`` or ``torch`` for dense linears);
+  ``measure`` (default) times the routes once per shape class and machine.
 - ``HF_PLUGINS_PIP_INDEX_URL``: an alternative package index for asset downloads (default: pip's own settings).
 """
 
@@ -33,6 +35,12 @@ def forced_backend() -> str:
             f"HF_PLUGINS_BACKEND must be one of {BACKENDS}, got {value!r}; unset it or pick one of those."
         )
     return value
+
+
+def forced_route() -> str | None:
+    """The route forced by ``HF_PLUGINS_ROUTE`` (None: measure, the default)."""
+    value = os.environ.get("HF_PLUGINS_ROUTE", "").strip().lower()
+    return None if value in ("", "measure") else value
 
 
 def pip_index_url() -> str | None:

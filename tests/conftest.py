@@ -8,6 +8,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _route_table(tmp_path_factory):
+    """Measured route choices go to a table of this test session, not the user's cache."""
+    from hf_plugins.kernels import _routes
+
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("routes") / "routes.json"
+        patch.setattr(_routes, "table_path", lambda: path)
+        yield path
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -20,8 +20,9 @@ class SpeculativeConfig:
         draft_context: the draft reads only the last ``draft_context`` prompt tokens (None: the whole prompt).
             Cuts the draft's prefill, which dominates drafting cost for long prompts and large batches; the
             target reads everything, so outputs are unchanged.
-        fast_cpu_linears: on CPU, run the float linear layers of target and draft through oneDNN while decoding
-            (about 1.8x faster for the few-row products of verification); plain ``generate`` is unaffected.
+        fast_cpu_linears: on CPU, run the float linear layers of target and draft through the faster of oneDNN
+            and ``F.linear`` per layer shape and row count, measured once per machine (oneDNN wins on wide layers
+            and few rows, loses on narrow ones); plain ``generate`` is unaffected.
     """
 
     num_draft_tokens: int | str = "auto"

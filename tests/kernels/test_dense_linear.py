@@ -115,20 +115,27 @@ def test_bf16_speculative_decoding_on_an_avx2_cpu_in_subprocess():
 
 
 @pytest.mark.skipif(not onednn.onednn_linear_available(), reason="torch built without oneDNN")
-def test_supported_dtypes_are_routed_to_onednn(monkeypatch, fresh_support_check):
+@pytest.mark.parametrize("route", ["onednn", "torch"])
+def test_forced_routes_run_and_agree(route, monkeypatch, fresh_support_check):
     calls = []
     routed = onednn.dense_linear_cpu
     monkeypatch.setattr("hf_plugins.kernels.dense_linear.dense_linear_cpu",
                         lambda *args: calls.append(args[0].dtype) or routed(*args))
+    monkeypatch.setenv("HF_PLUGINS_ROUTE", route)
     for dtype in (torch.float32, torch.bfloat16):
-        dense_linear(*_problem((2, 37), 23, True, dtype))
+        x, weight, b = _problem((5, 129), 257, True, dtype)
+        assert_close_kernel(dense_linear(x, weight, b), dense_linear_reference(x, weight, b), dtype)
     expected = [d for d in (torch.float32, torch.bfloat16) if onednn.onednn_linear_supports(d)]
-    assert calls == expected and torch.float32 in expected
+    assert calls == (expected if route == "onednn" else []) and torch.float32 in expected
 
 
-def test_onednn_linear_refuses_mixed_dtypes_with_the_way_out():
-    with pytest.raises(TypeError, match="use dense_linear\\(\\), which routes other dtypes to F.linear"):
-        dense_linear_cpu(torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))
+def test_shape_classes_bucket_rows_by_powers_of_two():
+    from hf_plugins.kernels.dense_linear import _shape_class
+
+    weight = torch.empty(7, 33)
+    classes = [_shape_class(torch.empty(*lead, 33), weight) for lead in ((1,), (1, 1), (3,), (2, 2), (5,), (9000,))]
+    assert classes == [("float32", 33, 7, 1), ("float32", 33, 7, 1), ("float32", 33, 7, 4), ("float32", 33, 7, 4),
+                       ("float32", 33, 7, 8), ("float32", 33, 7, 512)]
 
 
 def test_fast_linears_keep_parameters_state_dict_and_gradients():

@@ -1,7 +1,10 @@
 """Dense float linear ``y = x W^T + b`` with a faster CPU path, and an ``nn.Linear`` that uses it.
 
-Backends: ``reference`` (float64 oracle), ``cpu`` (oneDNN, :mod:`.cpu`) and, on CUDA, cuBLAS through ``F.linear``
-(already the fast path there; there is no Triton kernel for a plain dense matmul to beat it).
+Backends: ``reference`` (float64 oracle), ``cpu`` and, on CUDA, cuBLAS through ``F.linear`` (already the fast path
+there; there is no Triton kernel for a plain dense matmul to beat it). The ``cpu`` backend has two routes, oneDNN
+(:mod:`.cpu`) and ``F.linear`` (MKL); neither wins everywhere (oneDNN: 1.2-1.5x on wide layers, 0.35-0.7x on
+SmolLM2's 576-wide attention projections, AMD EPYC at 1 thread), so the fastest is measured per shape class
+(:mod:`.._routes`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import choose_backend
+from .._routes import RouteChooser
 from .cpu import dense_linear_cpu, onednn_linear_supports
 from .reference import dense_linear_reference
 
@@ -27,13 +31,32 @@ __all__ = [
 ]
 
 
+ROUTES = RouteChooser("dense_linear", ("onednn", "torch"))
+"""The CPU routes, chosen per ``(dtype, in, out, row bucket)`` on this machine."""
+
+_MAX_ROW_BUCKET = 512
+
+
+def _shape_class(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """``(dtype, in, out, rows rounded up to a power of two, at most 512)``: decode, verification and prefill rows
+    fall into different classes, close row counts into one."""
+    rows = max(1, x.numel() // x.shape[-1])
+    return str(x.dtype).removeprefix("torch."), weight.shape[1], weight.shape[0], min(1 << (rows - 1).bit_length(),
+                                                                                         _MAX_ROW_BUCKET)
+
+
+def _by_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return dense_linear_cpu(x, weight, bias) if route == "onednn" else F.linear(x, weight, bias)
+
+
 def dense_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None
 ) -> torch.Tensor:
     """``x [..., in]``, ``weight [out, in]``, ``bias [out]`` -> ``[..., out]``.
 
-    On CPU the oneDNN path serves inference in the dtypes it runs on this machine (fp32; bf16 where the CPU has
-    AVX-512); autograd, other dtypes and builds without oneDNN use ``F.linear`` (same math, the stock kernel).
+    On CPU, inference in the dtypes oneDNN runs on this machine (fp32; bf16 where the CPU has AVX-512) takes the
+    faster of oneDNN and ``F.linear`` for its shape class, measured once (``HF_PLUGINS_ROUTE=onednn|torch``
+    forces one); autograd, other dtypes and builds without oneDNN use ``F.linear`` (same math, the stock kernel).
     """
     chosen = choose_backend("dense_linear", x.device, backend)
     if chosen == "reference":
@@ -44,7 +67,8 @@ def dense_linear(
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and onednn_linear_supports(x.dtype)
     ):
-        return dense_linear_cpu(x, weight, bias)
+        route = ROUTES.choose(_shape_class(x, weight), lambda candidate: _by_route(candidate, x, weight, bias))
+        return _by_route(route, x, weight, bias)
     return F.linear(x, weight, bias)
 
 
