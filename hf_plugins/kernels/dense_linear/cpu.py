@@ -67,5 +67,5 @@ def dense_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x2d = x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise.default(x2d, weight.contiguous(), bias, "none", [], "")
     return y.reshape(*x.shape[:-1], weight.shape[0])
