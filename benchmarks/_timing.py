@@ -141,6 +141,15 @@ def sweep_parser(doc: str, lengths: list[int]) -> argparse.ArgumentParser:
     return parser
 
 
+def write_report(report: dict, out: Path | None, name: str, machine: str) -> Path:
+    """Write ``report`` as JSON to ``out``, or to ``benchmarks/results/{name}-{date}-{machine}.json``."""
+    path = out or Path(__file__).resolve().parent / "results" / f"{name}-{datetime.date.today()}-{machine}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def sweep_and_save(name: str, args: argparse.Namespace, run: Callable[[int, argparse.Namespace], dict],
                    size_key: str, ours: str, baselines: tuple[str, ...], config_keys: tuple[str, ...],
                    results: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import machine_name, pinned_threads, time_fn  # noqa: E402
+from benchmarks._timing import machine_name, pinned_threads, time_fn, write_report  # noqa: E402
 from hf_plugins.kernels.awq_gemm import awq_dequantize, awq_gemm_reference, pack_awq, prepack  # noqa: E402
 from hf_plugins.hardware import Roofline, measure_cpu  # noqa: E402
 from hf_plugins.kernels.awq_gemm import cpu as awq_cpu  # noqa: E402
@@ -193,10 +192,7 @@ def main() -> None:
                   f"awq {s['awq_ms']:.3f} ms -> {s['speedup']:.2f}x")
         report["models"][model] = {"shapes": {roles: f"{k}x{n}" for roles, k, n in shapes}, "measured": measured,
                                    "block_summary": summary}
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"awq_cpu_layers-{report['date']}-{report['machine']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {out}")
+    write_report(report, args.out, "awq_cpu_layers", report["machine"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._timing import machine_name, pinned_threads  # noqa: E402
+from benchmarks._timing import machine_name, pinned_threads, write_report  # noqa: E402
 from hf_plugins.hardware import measure  # noqa: E402
 
 
@@ -40,10 +39,7 @@ def main() -> None:
         print(f"{roofline.device}, {threads} thread(s): matmul T(FL)OPS {peaks}; GB/s " + ", ".join(
             f"{k} {v:.1f}" for k, v in roofline.bandwidth_gbs.items()) + "; us/call " + ", ".join(
             f"{k} {v:.1f}" for k, v in roofline.call_us.items()))
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"hardware-{date}-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(report, args.out, "hardware", name)
 
 
 if __name__ == "__main__":
