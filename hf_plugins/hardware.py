@@ -11,7 +11,6 @@ reaches ``max(B / bandwidth, F / peak) / t`` of the roofline (:meth:`Roofline.fr
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .kernels._dispatch import choose_backend
+from .kernels._routes import cpu_model
 from .kernels.dense_linear import FastLinear
 
 PAPER_HOPPER = {
@@ -101,13 +101,7 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
 
 def cpu_name() -> str:
     """CPU model and ATen's CPU capability (the ISA its kernels use), e.g. ``"AMD EPYC (AVX512)"``."""
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def _matmul_tflops(dtype: torch.dtype, n: int, device: str, sync: Callable[[], None], min_time_s: float) -> float:

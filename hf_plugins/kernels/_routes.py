@@ -31,13 +31,19 @@ TIMED_RUNS = 5
 """Timed calls per route (after one warm-up); the minimum counts, as the least disturbed by other processes."""
 
 
-def machine_key() -> str:
-    """What a measured choice holds for: CPU model, ATen's CPU capability, torch version and thread count."""
-    model = platform.processor() or "cpu"
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` where there is none)."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-    return (f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | "
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def machine_key() -> str:
+    """What a measured choice holds for: CPU model, ATen's CPU capability, torch version and thread count."""
+    return (f"{cpu_model()} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | "
             f"{torch.get_num_threads()} threads")
 
 
@@ -118,13 +124,13 @@ class RouteChooser:
         return route
 
     def _measured(self, shape_class: Hashable, run: Callable[[str], object]) -> str:
-        path, machine, key = table_path(), machine_key(), str(shape_class)
-        saved = _read_table(path).get(machine, {}).get(self.op, {}).get(key)
-        if saved in self.routes:
-            return saved
+        path, key = table_path(), str(shape_class)
+        table = _read_table(path)
+        chosen = table.setdefault(machine_key(), {}).setdefault(self.op, {})
+        if chosen.get(key) in self.routes:
+            return chosen[key]
         route, micros = _fastest(run, self.routes)
         logger.info("hf_plugins: %s %s takes the %s route (measured us: %s)", self.op, key, route, micros)
-        table = _read_table(path)
-        table.setdefault(machine, {}).setdefault(self.op, {})[key] = route
+        chosen[key] = route
         _write_table(path, table)
         return route
