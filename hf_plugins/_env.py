@@ -6,6 +6,9 @@
   ``reference``, ``cpu`` or ``triton``.
 - ``HF_PLUGINS_ROUTE``: force one route of every op that has it (e.g. ``onednn`` or ``torch`` for dense linears);
   ``measure`` (default) times the routes once per shape class and machine.
+- ``HF_PLUGINS_NATIVE``: ``0`` disables the native CPU kernels compiled on first use (default ``1``).
+- ``HF_PLUGINS_NATIVE_MARCH``: the ``-march`` those kernels are built for (default ``native``; e.g. ``haswell``
+  builds the AVX2 code on an AVX-512 machine, as ``make test-avx2`` does).
 - ``HF_PLUGINS_PIP_INDEX_URL``: an alternative package index for asset downloads (default: pip's own settings).
 """
 
@@ -41,6 +44,16 @@ def forced_route() -> str | None:
     """The route forced by ``HF_PLUGINS_ROUTE`` (None: measure, the default)."""
     value = os.environ.get("HF_PLUGINS_ROUTE", "").strip().lower()
     return None if value in ("", "measure") else value
+
+
+def native_kernels_enabled() -> bool:
+    """False when ``HF_PLUGINS_NATIVE=0``: the C kernels built on first use are skipped (other routes remain)."""
+    return os.environ.get("HF_PLUGINS_NATIVE", "1").strip() != "0"
+
+
+def native_march() -> str:
+    """The ``-march`` value for native kernels (``HF_PLUGINS_NATIVE_MARCH``, default ``native``)."""
+    return os.environ.get("HF_PLUGINS_NATIVE_MARCH", "").strip() or "native"
 
 
 def pip_index_url() -> str | None:

@@ -112,24 +112,32 @@ class RouteChooser:
         """Drop the choices held in memory (the disk table stays)."""
         self._chosen.clear()
 
-    def choose(self, shape_class: Hashable, run: Callable[[str], object]) -> str:
-        """The route for ``shape_class``; ``run(route)`` performs one call by that route (timed on a miss)."""
+    def choose(self, shape_class: Hashable, run: Callable[[str], object],
+               candidates: tuple[str, ...] | None = None) -> str:
+        """The route for ``shape_class``; ``run(route)`` performs one call by that route (timed on a miss).
+
+        ``candidates`` narrows the op's routes for this call (the ones this operand supports; the shape class must
+        then determine them, since the choice is kept per class).
+        """
+        routes = self.routes if candidates is None else candidates
         forced = _env.forced_route()
-        if forced in self.routes:
+        if forced in routes:
             return forced
         route = self._chosen.get(shape_class)
         if route is None:
-            route = self._measured(shape_class, run)
+            route = self._measured(shape_class, run, routes)
             self._chosen[shape_class] = route
         return route
 
-    def _measured(self, shape_class: Hashable, run: Callable[[str], object]) -> str:
+    def _measured(self, shape_class: Hashable, run: Callable[[str], object], routes: tuple[str, ...]) -> str:
         path, key = table_path(), str(shape_class)
         table = _read_table(path)
         chosen = table.setdefault(machine_key(), {}).setdefault(self.op, {})
-        if chosen.get(key) in self.routes:
+        if chosen.get(key) in routes:
             return chosen[key]
-        route, micros = _fastest(run, self.routes)
+        if len(routes) == 1:
+            return routes[0]
+        route, micros = _fastest(run, routes)
         logger.info("hf_plugins: %s %s takes the %s route (measured us: %s)", self.op, key, route, micros)
         chosen[key] = route
         _write_table(path, table)

@@ -1,8 +1,9 @@
 """The CPU AWQ GEMM path against the float64 reference, its kernel-choice rule, and backend dispatch.
 
 Tolerances come from ``tests/tolerances.py`` by the activation dtype the kernel actually computes with: the int4pack
-kernel is only fast with bf16 activations, so it casts fp32/fp16 inputs to bf16 (bf16 tolerance); the dequant
-kernel computes in fp32 (fp32 tolerance, or the input's dtype when that is coarser).
+kernel is only fast with bf16 activations, so it casts fp32/fp16 inputs to bf16 (bf16 tolerance); q4dot quantizes
+them to int8 per 64-input block (int8 tolerance); the dequant kernel computes in fp32 (fp32 tolerance, or the
+input's dtype when that is coarser).
 """
 
 import logging
@@ -29,6 +30,8 @@ def _compute_dtype(kernel: str, x_dtype: torch.dtype) -> torch.dtype:
     """The dtype whose rounding bounds a kernel's error: bf16 for int4pack, else fp32 or the coarser input."""
     if kernel == "int4pack":
         return torch.bfloat16
+    if kernel == "q4dot":
+        return torch.int8
     return torch.float32 if x_dtype == torch.float32 else x_dtype
 
 
@@ -51,12 +54,27 @@ def poison_allocations(monkeypatch):
 
 @pytest.fixture
 def force_kernel(monkeypatch):
-    """Force :func:`awq_gemm_cpu` onto one kernel, whatever the rule would pick on this CPU."""
+    """Force :func:`awq_gemm_cpu` onto one route (``HF_PLUGINS_ROUTE``), whatever this machine would measure."""
 
     def force(kernel: str) -> None:
-        monkeypatch.setattr(awq_cpu, "use_int4pack", lambda rows, weight: kernel == "int4pack")
+        monkeypatch.setenv("HF_PLUGINS_ROUTE", kernel)
 
     return force
+
+
+KERNELS = ["q4dot", "int4pack", "dequant", "dequant-int4pack-layout"]
+"""Routes to test; the dequant route reads either layout, so it runs on both."""
+
+
+def _prepack_for(kernel: str, rows: int, *awq, layout: str | None = None):
+    """``(weight, route)``: the AWQ tensors prepacked in the layout ``kernel`` reads; skips where it is no route."""
+    route, _, rest = kernel.partition("-")
+    layout = layout or ("int4pack" if route == "int4pack" or rest else "auto")
+    weight = prepack(*awq, layout=layout)
+    if route not in awq_cpu.cpu_routes(rows, weight):
+        pytest.skip(f"{route} is not a route for this layer and {rows} rows here "
+                    f"({awq_cpu.cpu_routes(rows, weight)}; q4dot needs a C compiler and multiples of 64)")
+    return weight, route
 
 
 SHAPES = [
@@ -69,35 +87,34 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("in_features, out_features, group_size", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 17, 64], ids=lambda m: f"M{m}")
 def test_cpu_kernels_match_reference(
     kernel, in_features, out_features, group_size, rows, force_kernel, poison_allocations
 ):
     qweight, qzeros, scales = _random_awq(in_features, out_features, group_size)
-    weight = prepack(qweight, qzeros, scales, group_size)
-    if kernel == "int4pack" and not weight.kernel_group:
-        pytest.skip(f"int4pack has no kernel group for group_size={group_size}; the rule never picks it")
-    force_kernel(kernel)
+    weight, route = _prepack_for(kernel, rows, qweight, qzeros, scales, group_size)
+    force_kernel(route)
     x = torch.randn(rows, in_features)
     expected = awq_gemm_reference(x, qweight, qzeros, scales, weight.group_size)
     actual = awq_gemm_cpu(x, weight)
     assert actual.shape == (rows, out_features) and actual.dtype == torch.float32
-    assert_close_kernel(actual, expected, _compute_dtype(kernel, x.dtype))
+    assert_close_kernel(actual, expected, _compute_dtype(route, x.dtype))
 
 
-@pytest.mark.parametrize("kernel", ["int4pack", "dequant"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cpu_3d_input_with_bias(kernel, x_dtype, force_kernel, poison_allocations):
     qweight, qzeros, scales = _random_awq(192, 72, 64)
     bias = torch.randn(72)
-    force_kernel(kernel)
+    weight, route = _prepack_for(kernel, 10, qweight, qzeros, scales, 64)
+    force_kernel(route)
     x = torch.randn(2, 5, 192).to(x_dtype)
-    actual = awq_gemm_cpu(x, prepack(qweight, qzeros, scales, 64), bias)
+    actual = awq_gemm_cpu(x, weight, bias)
     expected = awq_gemm_reference(x.float(), qweight, qzeros, scales, 64, bias)
     assert actual.shape == (2, 5, 72) and actual.dtype == x_dtype
-    assert_close_kernel(actual, expected, _compute_dtype(kernel, x_dtype))
+    assert_close_kernel(actual, expected, _compute_dtype(route, x_dtype))
 
 
 @pytest.mark.parametrize("scales_kind", ["bf16-exact", "fp16"])
@@ -114,7 +131,7 @@ def test_int4pack_keeps_scales_and_zeros_exact(scales_kind, rows, force_kernel):
         scales = scales.bfloat16().half()
     qweight, qzeros = pack_awq(codes.to(torch.int32)), pack_awq(zeros)
     x = (3.0 + 0.1 * torch.randn(rows, in_features)).bfloat16().float()
-    weight = prepack(qweight, qzeros, scales, group_size)
+    weight = prepack(qweight, qzeros, scales, group_size, layout="int4pack")
     assert (weight.scale_residual is None) == (scales_kind == "bf16-exact")
     expected = awq_gemm_reference(x, qweight, qzeros, scales, group_size)
     assert_close_kernel(awq_gemm_cpu(x, weight), expected, torch.bfloat16)
@@ -126,23 +143,24 @@ def test_cpu_empty_batch():
 
 
 @pytest.mark.parametrize(
-    "capability, rows, kernel_group, expected",
+    "capability, rows, kernel_group, q4dot, expected",
     [
-        pytest.param("AVX512", 1, 128, True, id="avx512-M1-int4pack"),
-        pytest.param("AVX512", 4096, 128, True, id="avx512-M4096-int4pack"),
-        pytest.param("AVX2", 127, 128, True, id="avx2-M127-int4pack"),
-        pytest.param("AVX2", 128, 128, False, id="avx2-M128-dequant"),
-        pytest.param("DEFAULT", 1, 128, False, id="scalar-build-dequant"),
-        pytest.param("AVX512", 1, 0, False, id="no-kernel-group-dequant"),
+        pytest.param("AVX512", 1, 128, True, ("q4dot", "int4pack", "dequant"), id="avx512-M1-all"),
+        pytest.param("AVX2", 32, 128, True, ("q4dot", "int4pack", "dequant"), id="avx2-M32-all"),
+        pytest.param("AVX2", 33, 128, True, ("int4pack", "dequant"), id="avx2-M33-no-q4dot"),
+        pytest.param("AVX512", 1, 128, False, ("int4pack", "dequant"), id="no-compiler"),
+        pytest.param("DEFAULT", 1, 128, False, ("dequant",), id="scalar-build-dequant"),
+        pytest.param("AVX512", 1, 0, False, ("dequant",), id="no-kernel-group-dequant"),
     ],
 )
-def test_kernel_rule(capability, rows, kernel_group, expected, monkeypatch):
+def test_route_candidates(capability, rows, kernel_group, q4dot, expected, monkeypatch):
     monkeypatch.setattr(awq_cpu, "_cpu_capability", lambda: capability)
     empty = torch.empty(0)
     weight = awq_cpu.CpuAwqWeight(
-        empty, empty, None, empty, torch.empty(1, 8), None, group_size=128, kernel_group=kernel_group
+        empty, empty, None, empty, torch.empty(1, 8), None, group_size=128, kernel_group=kernel_group,
+        q4dot=awq_cpu.Q4DotWeight(empty, empty, empty, 128) if q4dot else None,
     )
-    assert awq_cpu.use_int4pack(rows, weight) is expected
+    assert awq_cpu.cpu_routes(rows, weight) == expected
 
 
 @pytest.mark.parametrize(

@@ -109,31 +109,40 @@ PREPACK_CASES = [
 ]
 
 
+LAYOUTS = ["auto", "int4pack"]
+"""``auto`` is the native q4dot layout where it is built and takes the shape, else int4pack."""
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("in_features, out_features, group_size, scale_dtype", PREPACK_CASES)
-def test_prepack_unprepack_bit_exact(in_features, out_features, group_size, scale_dtype):
+def test_prepack_unprepack_bit_exact(in_features, out_features, group_size, scale_dtype, layout):
     qweight, qzeros, scales = _random_awq(in_features, out_features, group_size, scale_dtype)
-    weight = prepack(qweight, qzeros, scales, group_size)
+    weight = prepack(qweight, qzeros, scales, group_size, layout=layout)
     back = unprepack(weight)
     for restored, original in zip(back, (qweight, qzeros, scales)):
         assert restored.dtype == original.dtype and torch.equal(restored, original)
     assert (weight.in_features, weight.out_features) == (in_features, out_features)
 
 
-def test_prepack_extreme_codes_round_trip():
-    codes = torch.tensor([[0, 15] * 32] * 64, dtype=torch.int32)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prepack_extreme_codes_round_trip(layout):
+    codes = torch.tensor([[0, 15] * 32] * 128, dtype=torch.int32)
     qweight, qzeros, scales = pack_awq(codes), pack_awq(torch.full((2, 64), 15, dtype=torch.int32)), torch.ones(2, 64)
-    assert torch.equal(unprepack(prepack(qweight, qzeros, scales, 32))[0], qweight)
+    assert torch.equal(unprepack(prepack(qweight, qzeros, scales, 64, layout=layout))[0], qweight)
 
 
 @pytest.mark.parametrize(
     "in_features, out_features, group_size",
     [pytest.param(1536, 1536, 128, id="1536x1536-g128"), pytest.param(576, 1536, 128, id="576x1536-g128-partial")],
 )
-def test_prepacked_weight_is_at_most_30_percent_of_bf16(in_features, out_features, group_size):
-    """With the scales our quantizer writes (bf16-exact) no scale remainder is needed and the zeros are recovered."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prepacked_weight_is_at_most_30_percent_of_bf16(in_features, out_features, group_size, layout):
+    """int4pack: with the scales our quantizer writes (bf16-exact) no scale remainder is needed and the zeros are
+    recovered. q4dot: codes, fp32 scales and scaled zeros, and the checkpoint's scales and zeros for unprepack."""
     qweight, qzeros, scales = _random_awq(in_features, out_features, group_size)
-    weight = prepack(qweight, qzeros, scales.bfloat16().half(), group_size)
-    assert isinstance(weight, CpuAwqWeight) and weight.scale_residual is None and weight.qzeros is None
+    weight = prepack(qweight, qzeros, scales.bfloat16().half(), group_size, layout=layout)
+    if weight.packed is not None:
+        assert isinstance(weight, CpuAwqWeight) and weight.scale_residual is None and weight.qzeros is None
     assert weight.nbytes() <= 0.30 * in_features * out_features * 2
 
 
@@ -173,22 +182,30 @@ _AVX2_SCRIPT = textwrap.dedent(
     qweight = pack_awq(torch.randint(0, 16, (256, 104), dtype=torch.int32))
     qzeros = pack_awq(torch.randint(0, 16, (2, 104), dtype=torch.int32))
     scales = torch.rand(2, 104).half()
-    weight = prepack(qweight, qzeros, scales, 128)
-    assert all(torch.equal(a, b) for a, b in zip(unprepack(weight), (qweight, qzeros, scales)))
     x = torch.randn(5, 256)
     ref = awq_gemm_reference(x, qweight, qzeros, scales, 128).double()
-    for kernel, tol in ((cpu._int4pack_matmul, 1.6e-2), (cpu._dequant_matmul, 2e-5)):
-        err = ((kernel(x, weight).double() - ref).abs().max() / ref.abs().max()).item()
-        assert err <= tol, (kernel.__name__, err)
-    print("ok")
+    checks = [("int4pack", "int4pack", 1.6e-2), ("int4pack", "dequant", 2e-5)]
+    if cpu.q4dot_available():
+        checks += [("q4dot", "q4dot", 3e-2), ("q4dot", "dequant", 2e-5)]
+    for layout, route, tol in checks:
+        weight = prepack(qweight, qzeros, scales, 128, layout=layout)
+        assert all(torch.equal(a, b) for a, b in zip(unprepack(weight), (qweight, qzeros, scales)))
+        err = ((cpu._by_route(route, x, weight).double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= tol, (layout, route, err)
+    print("ok", len(checks))
     """
 )
 
 
 def test_avx2_build_layout_in_subprocess():
-    """The documented target CPUs are AVX2-only, whose int4pack layout differs; emulate one with ATEN_CPU_CAPABILITY."""
+    """The documented target CPUs are AVX2-only, whose int4pack layout differs and whose q4dot build takes the
+    vpmaddubsw path: emulate one with ATEN_CPU_CAPABILITY and an AVX2 (haswell) native build."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("ATEN_CPU_CAPABILITY=avx2 needs an x86 CPU with AVX2")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "HF_PLUGINS_NATIVE_MARCH": "haswell",
+           "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    from hf_plugins.kernels.awq_gemm.q4dot import q4dot_available
+
+    expected = f"ok {4 if q4dot_available() else 2}"
+    assert result.returncode == 0 and result.stdout.strip().endswith(expected), result.stderr[-2000:]

@@ -53,6 +53,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .._routes import RouteChooser
+from .q4dot import (
+    Q4DotWeight,
+    q4dot_available,
+    q4dot_codes,
+    q4dot_dequant_matmul,
+    q4dot_matmul,
+    q4dot_pack,
+    q4dot_shape_supported,
+)
 from .reference import AWQ_ORDER, AWQ_REVERSE_ORDER, pack_awq, unpack_awq
 
 _KERNEL_GROUPS = (256, 128, 64, 32)
@@ -67,8 +77,14 @@ _LAYOUT_CANDIDATES = (("split", 64), ("split", 32), ("pair", 32), ("pair", 16), 
 _SLAB_FLOATS = 1 << 20
 """Transient fp32 weight slab of the dequant path (4 MiB, measured best of 1-4 MiB): cache-resident, no page faults."""
 
-_AVX2_DEQUANT_MIN_ROWS = 128
-"""With AVX2 (no AVX512) int4pack loses to dequant + sgemm from about this many rows (measured crossover 64-128)."""
+_Q4DOT_MAX_ROWS = 32
+"""The q4dot route is timed only up to this many rows: it re-reads the weights per 4 rows, and from 16 rows on it
+lost to int4pack or dequant + sgemm on every layer measured."""
+
+_MAX_ROW_BUCKET = 512
+
+ROUTES = RouteChooser("awq_gemm", ("q4dot", "int4pack", "dequant"))
+"""The CPU routes, chosen per ``(dtype, in, out, group, routes, row bucket)`` on this machine."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,7 @@ class CpuAwqWeight:
         kernel_group: the int4pack kernel's group size (a divisor of ``group_size``), or 0 when none fits.
     """
 
-    packed: torch.Tensor
+    packed: torch.Tensor | None
     scales_zeros: torch.Tensor
     scale_residual: torch.Tensor | None
     zero_residual: torch.Tensor
@@ -99,10 +115,11 @@ class CpuAwqWeight:
     qzeros: torch.Tensor | None
     group_size: int
     kernel_group: int
+    q4dot: Q4DotWeight | None = None
 
     @property
     def in_features(self) -> int:
-        return self.packed.shape[1] * 2
+        return self.q4dot.in_features if self.packed is None else self.packed.shape[1] * 2
 
     @property
     def out_features(self) -> int:
@@ -111,6 +128,8 @@ class CpuAwqWeight:
     def nbytes(self) -> int:
         """Bytes held in memory by all tensors of this weight."""
         tensors = (self.packed, self.scales_zeros, self.scale_residual, self.zero_residual, self.scales, self.qzeros)
+        if self.q4dot is not None:
+            tensors += (self.q4dot.codes, self.q4dot.scales, self.q4dot.scaled_zeros)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def zeros(self) -> torch.Tensor:
@@ -244,8 +263,13 @@ def _check_awq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torc
     return group
 
 
-def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> CpuAwqWeight:
+def prepack(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, layout: str = "auto"
+) -> CpuAwqWeight:
     """Prepack AWQ GEMM tensors for :func:`awq_gemm_cpu`, once at load time.
+
+    The codes are kept in one layout: the native q4dot kernel's where it built on this machine and takes the layer
+    (``in_features`` and the group multiples of 64), else ATen's int4pack layout.
 
     Args:
         qweight: int32 ``[in_features, out_features // 8]`` (AWQ nibble order).
@@ -253,8 +277,10 @@ def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
         scales: float ``[groups, out_features]`` (fp16 in checkpoints).
         group_size: quantization group along ``in_features`` (the last group may be partial); ``-1`` means one
             group (per-channel).
+        layout: ``"auto"`` (as above), ``"q4dot"`` (raises ``ValueError`` where unavailable) or ``"int4pack"``.
 
-    Returns a :class:`CpuAwqWeight` of ~0.56 bytes per weight with bf16-exact fp16 scales: 28.1% of bf16 at group
+    Returns a :class:`CpuAwqWeight`: in the q4dot layout 0.58 bytes per weight at group 128 (29% of bf16). In the
+    int4pack layout ~0.56 bytes per weight with bf16-exact fp16 scales: 28.1% of bf16 at group
     128, 29.9% when ``in_features`` is 576 (its partial last group needs kernel group 64, doubling the bf16 scale
     rows). Other scales add the scale remainder's pairs (+1.6% of bf16 at group 128).
     """
@@ -262,11 +288,23 @@ def prepack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
     in_features, out_features = qweight.shape[0], scales.shape[1]
     padded_out = -(-out_features // _N_ALIGN) * _N_ALIGN
     kernel_group = _kernel_group(group, in_features)
-    packed = _pack_layout(_awq_to_codes(qweight, padded_out), *native_layout())
-    if not kernel_group:
-        empty = torch.empty(0, dtype=torch.bfloat16)
-        return CpuAwqWeight(packed, empty, None, empty, scales.contiguous(), qzeros.contiguous(), group, 0)
+    if layout not in ("auto", "q4dot", "int4pack"):
+        raise ValueError(f"layout must be 'auto', 'q4dot' or 'int4pack', got {layout!r}.")
+    use_q4dot = q4dot_shape_supported(in_features, group) and q4dot_available()
+    if layout == "q4dot" and not use_q4dot:
+        raise ValueError(
+            f"the q4dot layout needs the native kernel (built: {q4dot_available()}) and in_features and group_size "
+            f"divisible by 64 (got {in_features} and {group}); use layout='auto'."
+        )
+    codes = _awq_to_codes(qweight, padded_out)
     zeros = unpack_awq(qzeros)
+    empty = torch.empty(0, dtype=torch.bfloat16)
+    if use_q4dot and layout != "int4pack":
+        q4dot = q4dot_pack(codes[:, :out_features], zeros, scales, group)
+        return CpuAwqWeight(None, empty, None, empty, scales.contiguous(), qzeros.contiguous(), group, 0, q4dot)
+    packed = _pack_layout(codes, *native_layout())
+    if not kernel_group:
+        return CpuAwqWeight(packed, empty, None, empty, scales.contiguous(), qzeros.contiguous(), group, 0)
     repeat = group // kernel_group
     # fp32 [in // kernel_group, out, 2]: each AWQ group's (scale, zero) once per kernel group, exact in fp32.
     pairs = torch.stack((scales.float(), (8.0 - zeros.float()) * scales.float()), dim=-1)
@@ -303,7 +341,10 @@ def _recovered_zeros(
 
 def unprepack(weight: CpuAwqWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of :func:`prepack`: ``(qweight, qzeros, scales)`` bit-identical to the tensors packed."""
-    codes = _unpack_layout(weight.packed, *native_layout())
+    if weight.packed is None:
+        codes = q4dot_codes(weight.q4dot)
+    else:
+        codes = _unpack_layout(weight.packed, *native_layout())
     return _codes_to_awq(codes, weight.out_features), weight.awq_qzeros(), weight.scales
 
 
@@ -313,19 +354,35 @@ def _cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def use_int4pack(rows: int, weight: CpuAwqWeight) -> bool:
-    """The measured rule (module docstring): which kernel :func:`awq_gemm_cpu` runs for ``rows`` input rows.
+def cpu_routes(rows: int, weight: CpuAwqWeight) -> tuple[str, ...]:
+    """The routes :func:`awq_gemm_cpu` may take for ``rows`` input rows of ``weight`` on this machine.
 
-    AVX512 builds: int4pack at every M (1.2-7x faster than fp32 sgemm up to M=2048). AVX2: int4pack below
-    :data:`_AVX2_DEQUANT_MIN_ROWS` rows, dequant + sgemm from there. Other builds run int4pack as a scalar loop
-    (10-80x slower than dequant + sgemm), so they always dequantize; so do groups the kernel cannot take.
+    ``q4dot`` where the native kernel built and takes the layer, up to :data:`_Q4DOT_MAX_ROWS` rows;
+    ``int4pack`` where ATen runs it vectorized (AVX2 or AVX-512; elsewhere it is a scalar loop 10-80x slower than
+    dequant + sgemm) and the group fits its kernel groups; ``dequant`` always.
     """
-    if not weight.kernel_group:
-        return False
-    capability = _cpu_capability()
-    if capability.startswith("AVX512"):
-        return True
-    return capability == "AVX2" and rows < _AVX2_DEQUANT_MIN_ROWS
+    routes = ("q4dot",) if weight.q4dot is not None and rows <= _Q4DOT_MAX_ROWS else ()
+    if weight.kernel_group and _cpu_capability().startswith(("AVX2", "AVX512")):
+        routes += ("int4pack",)
+    return (*routes, "dequant")
+
+
+def _shape_class(x2d: torch.Tensor, weight: CpuAwqWeight) -> tuple:
+    """``(dtype, in, out, group, codes layout, rows rounded up to a power of two, at most 512)``; with the layout
+    and the row bucket it determines :func:`cpu_routes` (the q4dot row limit is a power of two)."""
+    rows = x2d.shape[0]
+    layout = "q4dot" if weight.packed is None else f"int4pack-k{weight.kernel_group}"
+    return (x2d.dtype, weight.in_features, weight.out_features, weight.group_size, layout,
+            min(1 << (rows - 1).bit_length(), _MAX_ROW_BUCKET) if rows > 1 else 1)
+
+
+def _by_route(route: str, x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:
+    """``[M, in] -> [M, out]`` in x's dtype by one route."""
+    if route == "q4dot":
+        return q4dot_matmul(x2d, weight.q4dot).to(x2d.dtype)
+    if route == "int4pack":
+        return _int4pack_matmul(x2d, weight)
+    return _dequant_matmul(x2d, weight)
 
 
 def _int4pack_matmul(x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:
@@ -353,6 +410,8 @@ def _group_sums(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def _dequant_matmul(x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:
     """``[M, in] -> [M, out]`` in x's dtype: fp32 sgemm over transient dequantized column slabs."""
+    if weight.packed is None:
+        return q4dot_dequant_matmul(x2d, weight.q4dot, _SLAB_FLOATS).to(x2d.dtype)
     kind, block_n = native_layout()
     in_features, out_features = weight.in_features, weight.out_features
     x32 = x2d.float().contiguous()
@@ -396,8 +455,9 @@ def _dequant_slab(chunk: torch.Tensor, slab: torch.Tensor, kind: str, block_n: i
 def awq_gemm_cpu(x: torch.Tensor, weight: CpuAwqWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in_features] @ dequant(W) [in, out] (+ bias [out])`` -> ``[..., out_features]`` in x's dtype.
 
-    ``x`` is typically ``[batch, seq, in_features]``, fp32 (the fast CPU dtype), bf16 or fp16. The kernel is picked
-    per call by :func:`use_int4pack` (rows ``M = batch * seq``): bf16-activation int4pack or fp32 dequant + sgemm.
+    ``x`` is typically ``[batch, seq, in_features]``, fp32 (the fast CPU dtype), bf16 or fp16. The route is the
+    fastest of :func:`cpu_routes` for the shape class (rows ``M = batch * seq`` in power-of-two buckets), measured
+    once per machine (:mod:`.._routes`; ``HF_PLUGINS_ROUTE=q4dot|int4pack|dequant`` forces one).
     """
     if x.device.type != "cpu":
         raise ValueError(f"awq_gemm_cpu needs a CPU tensor, got one on {x.device}; call .cpu() or use awq_gemm().")
@@ -409,10 +469,9 @@ def awq_gemm_cpu(x: torch.Tensor, weight: CpuAwqWeight, bias: torch.Tensor | Non
             "check which layer this input belongs to."
         )
     x2d = x.reshape(-1, weight.in_features)
-    if use_int4pack(x2d.shape[0], weight):
-        y = _int4pack_matmul(x2d, weight)
-    else:
-        y = _dequant_matmul(x2d, weight)
+    routes = cpu_routes(x2d.shape[0], weight)
+    route = ROUTES.choose(_shape_class(x2d, weight), lambda candidate: _by_route(candidate, x2d, weight), routes)
+    y = _by_route(route, x2d, weight)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], weight.out_features)

@@ -1,0 +1,186 @@
+/* AWQ int4 x int8 dot-product GEMM for CPUs: y[m, n] = sum_k x[m, k] * (q[n, k] - z[g, n]) * s[g, n].
+ *
+ * Built on the user's machine on first use (see hf_plugins/kernels/_native.py) with -O3 -march=native, so the
+ * same source takes AVX2 (vpmaddubsw), AVX-VNNI or AVX512-VNNI (vpdpbusd) where the CPU has them, and a plain C
+ * loop elsewhere. The weights stay at 4 bits; the activations are quantized per 64-input block to int8 with one
+ * fp32 scale (as llama.cpp's q8 blocks), the group's zero term uses the exact fp32 sum of the group's inputs.
+ *
+ * Layouts (all row-major, contiguous):
+ *   x      float [M, K]         activations
+ *   codes  uint8 [N, K / 2]     for column n, byte j of each 32-byte chunk c holds k = 64c + j in its low nibble
+ *                               and k = 64c + 32 + j in its high nibble
+ *   scales float [N, G]         s[g, n] stored per column, G = ceil(K / group)
+ *   szeros float [N, G]         z[g, n] * s[g, n]
+ *   y      float [M, N]
+ * Requirements (checked by the caller): K % 64 == 0, group % 64 == 0.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 64
+#define ROW_TILE 4
+#define COLUMN_TILE 16
+
+/* Per row: int8 codes [K], one scale per 64-block [K / 64], exact group sums [G]. */
+static void quantize_rows(const float *x, int64_t rows, int64_t K, int64_t group, int8_t *xq, float *dx,
+                          float *xsum) {
+    const int64_t blocks = K / BLOCK, groups = (K + group - 1) / group;
+    for (int64_t m = 0; m < rows; ++m) {
+        const float *row = x + m * K;
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t end = (g + 1) * group < K ? (g + 1) * group : K;
+            float total = 0.0f;
+            for (int64_t k = g * group; k < end; ++k) total += row[k];
+            xsum[m * groups + g] = total;
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+            const float *in = row + b * BLOCK;
+            float amax = 0.0f;
+            for (int k = 0; k < BLOCK; ++k) amax = fmaxf(amax, fabsf(in[k]));
+            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            dx[m * blocks + b] = d;
+            int8_t *out = xq + m * K + b * BLOCK;
+            for (int k = 0; k < BLOCK; ++k) out[k] = (int8_t)lrintf(in[k] * inv);
+        }
+    }
+}
+
+#if defined(__AVX2__)
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Eight int32 lanes of sum(lo * a) + sum(hi * b) over 64 unsigned 4-bit codes and 64 int8 activations. */
+static inline __m256i dot64(__m256i lo, __m256i hi, const int8_t *xq) {
+    const __m256i a = _mm256_loadu_si256((const __m256i *)xq);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(xq + 32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a), hi, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, a), hi, b);
+#else
+    /* 15 * 127 * 2 per 16-bit lane, twice: 7620, no saturation. */
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a), _mm256_maddubs_epi16(hi, b));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+/* `R` rows from r0 times `NC` columns from n0: R * NC independent accumulator chains (R * NC <= 4 keeps the
+ * accumulators, the group partial sums and the unpacked codes within AVX2's 16 vector registers). */
+static inline __attribute__((always_inline)) void tile(const int R, const int NC, const uint8_t *codes,
+                                                       const float *scales, const float *szeros, const int8_t *xq,
+                                                       const float *dx, const float *xsum, int64_t r0, int64_t n0,
+                                                       int64_t K, int64_t group, float *y, int64_t N) {
+    const int64_t blocks = K / BLOCK, groups = (K + group - 1) / group, per_group = group / BLOCK;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 acc[R * NC], part[R * NC];
+    for (int i = 0; i < R * NC; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t first = g * per_group, last = first + per_group < blocks ? first + per_group : blocks;
+        for (int i = 0; i < R * NC; ++i) part[i] = _mm256_setzero_ps();
+        for (int64_t b = first; b < last; ++b) {
+            for (int c = 0; c < NC; ++c) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(codes + (n0 + c) * (K / 2) + b * (BLOCK / 2)));
+                const __m256i lo = _mm256_and_si256(v, mask);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (int r = 0; r < R; ++r) {
+                    const int64_t m = r0 + r;
+                    const __m256 dot = _mm256_cvtepi32_ps(dot64(lo, hi, xq + m * K + b * BLOCK));
+                    part[r * NC + c] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(dx + m * blocks + b), part[r * NC + c]);
+                }
+            }
+        }
+        for (int c = 0; c < NC; ++c) {
+            const __m256 scale = _mm256_broadcast_ss(scales + (n0 + c) * groups + g);
+            for (int r = 0; r < R; ++r) acc[r * NC + c] = _mm256_fmadd_ps(part[r * NC + c], scale, acc[r * NC + c]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const int64_t m = r0 + r;
+        for (int c = 0; c < NC; ++c) {
+            const float *sz = szeros + (n0 + c) * groups;
+            float zero_term = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) zero_term += sz[g] * xsum[m * groups + g];
+            y[m * N + n0 + c] = hsum(acc[r * NC + c]) - zero_term;
+        }
+    }
+}
+
+/* Rows r0 .. r0 + rows (rows <= ROW_TILE) for columns n0 .. n0 + COLUMN_TILE (or to N). */
+static void column_tile(const uint8_t *codes, const float *scales, const float *szeros, const int8_t *xq,
+                        const float *dx, const float *xsum, int64_t r0, int rows, int64_t n0, int64_t K,
+                        int64_t group, float *y, int64_t N) {
+    const int64_t n1 = n0 + COLUMN_TILE < N ? n0 + COLUMN_TILE : N;
+    int64_t n = n0;
+    if (rows == 1)
+        for (; n + 4 <= n1; n += 4) tile(1, 4, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N);
+    if (rows == 2)
+        for (; n + 2 <= n1; n += 2) tile(2, 2, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N);
+    for (; n < n1; ++n) {
+        switch (rows) {
+            case 1: tile(1, 1, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N); break;
+            case 2: tile(2, 1, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N); break;
+            case 3: tile(3, 1, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N); break;
+            default: tile(4, 1, codes, scales, szeros, xq, dx, xsum, r0, n, K, group, y, N); break;
+        }
+    }
+}
+#else
+static void column_tile(const uint8_t *codes, const float *scales, const float *szeros, const int8_t *xq,
+                        const float *dx, const float *xsum, int64_t r0, int rows, int64_t n0, int64_t K,
+                        int64_t group, float *y, int64_t N) {
+    const int64_t blocks = K / BLOCK, groups = (K + group - 1) / group, per_group = group / BLOCK;
+    const int64_t n1 = n0 + COLUMN_TILE < N ? n0 + COLUMN_TILE : N;
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *col = codes + n * (K / 2);
+        for (int r = 0; r < rows; ++r) {
+            const int64_t m = r0 + r;
+            float total = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) {
+                const int64_t first = g * per_group, last = first + per_group < blocks ? first + per_group : blocks;
+                float part = 0.0f;
+                for (int64_t b = first; b < last; ++b) {
+                    const uint8_t *chunk = col + b * (BLOCK / 2);
+                    const int8_t *a = xq + m * K + b * BLOCK;
+                    int32_t dot = 0;
+                    for (int j = 0; j < BLOCK / 2; ++j) dot += (chunk[j] & 0x0F) * a[j] + (chunk[j] >> 4) * a[j + 32];
+                    part += (float)dot * dx[m * blocks + b];
+                }
+                total += part * scales[n * groups + g] - szeros[n * groups + g] * xsum[m * groups + g];
+            }
+            y[m * N + n] = total;
+        }
+    }
+}
+#endif
+
+/* Returns 0, or -1 when the scratch rows cannot be allocated (y is then untouched). */
+int q4dot_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales,
+               const float *szeros, int64_t N, int64_t group, float *y, int threads) {
+    const int64_t groups = (K + group - 1) / group;
+    /* Scratch for the quantized rows: int8 codes, block scales, group sums (a few KiB per row). */
+    int8_t *xq = malloc(M * K + sizeof(float) * (M * (K / BLOCK) + M * groups));
+    if (!xq) return -1;
+    float *dx = (float *)(xq + M * K);
+    float *xsum = dx + M * (K / BLOCK);
+    quantize_rows(x, M, K, group, xq, dx, xsum);
+    /* Small layers run on one thread: waking the pool costs more than their few microseconds of work. */
+    if (N * K * M < (1 << 19)) threads = 1;
+    const int64_t tiles = (N + COLUMN_TILE - 1) / COLUMN_TILE;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t r0 = 0; r0 < M; r0 += ROW_TILE) {
+            const int rows = M - r0 < ROW_TILE ? (int)(M - r0) : ROW_TILE;
+            column_tile(codes, scales, szeros, xq, dx, xsum, r0, rows, t * COLUMN_TILE, K, group, y, N);
+        }
+    free(xq);
+    return 0;
+}
