@@ -2,7 +2,7 @@
 
 Tolerances come from ``tests/tolerances.py`` by the activation dtype the kernel actually computes with: the int4pack
 kernel is only fast with bf16 activations, so it casts fp32/fp16 inputs to bf16 (bf16 tolerance); q4dot quantizes
-them to int8 per 64-input block (int8 tolerance); the dequant kernel computes in fp32 (fp32 tolerance, or the
+them to two int8 levels per 64-input block (int8x2 tolerance); the dequant kernel computes in fp32 (fp32 tolerance, or the
 input's dtype when that is coarser).
 """
 
@@ -31,7 +31,7 @@ def _compute_dtype(kernel: str, x_dtype: torch.dtype) -> torch.dtype:
     if kernel == "int4pack":
         return torch.bfloat16
     if kernel == "q4dot":
-        return torch.int8
+        return "int8x2" if x_dtype == torch.float32 else x_dtype
     return torch.float32 if x_dtype == torch.float32 else x_dtype
 
 

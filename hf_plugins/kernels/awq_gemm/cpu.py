@@ -84,7 +84,11 @@ lost to int4pack or dequant + sgemm on every layer measured."""
 _MAX_ROW_BUCKET = 512
 
 ROUTES = RouteChooser("awq_gemm", ("q4dot", "int4pack", "dequant"))
-"""The CPU routes, chosen per ``(dtype, in, out, group, routes, row bucket)`` on this machine."""
+"""The CPU routes, chosen per ``(dtype, in, out, group, codes layout, row bucket)`` on this machine."""
+
+LAYOUTS = RouteChooser("awq_layout", ("q4dot", "int4pack"))
+"""The codes layout :func:`prepack` keeps where both kernels run, chosen per ``(in, out, group)`` on this machine by
+a one-row product (decoding): ATen's int4pack kernel ranges from 4x slower than q4dot to about as fast, by CPU."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,8 @@ def prepack(
             f"the q4dot layout needs the native kernel (built: {q4dot_available()}) and in_features and group_size "
             f"divisible by 64 (got {in_features} and {group}); use layout='auto'."
         )
+    if layout == "auto" and use_q4dot and kernel_group and _cpu_capability().startswith(("AVX2", "AVX512")):
+        layout = _measured_layout(qweight, qzeros, scales, group)
     codes = _awq_to_codes(qweight, padded_out)
     zeros = unpack_awq(qzeros)
     empty = torch.empty(0, dtype=torch.bfloat16)
@@ -322,6 +328,21 @@ def prepack(
         # Zeros are not recoverable (e.g. a zero scale): keep the checkpoint's.
         weight = dataclasses.replace(weight, qzeros=qzeros.contiguous())
     return weight
+
+
+def _measured_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int) -> str:
+    """The layout (:data:`LAYOUTS`) whose kernel multiplies one row fastest for this layer's shape class on this
+    machine; both are built and timed only when the class is not in the route table yet."""
+    in_features, out_features = qweight.shape[0], scales.shape[1]
+    x = torch.randn(1, in_features)
+    weights: dict[str, CpuAwqWeight] = {}
+
+    def run(layout: str) -> torch.Tensor:
+        if layout not in weights:
+            weights[layout] = prepack(qweight, qzeros, scales, group, layout=layout)
+        return _by_route(layout, x, weights[layout])
+
+    return LAYOUTS.choose((in_features, out_features, group), run)
 
 
 def _padded(pairs: torch.Tensor, padded_out: int) -> torch.Tensor:
