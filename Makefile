@@ -28,7 +28,7 @@ test: assets
 
 # The whole suite as an AVX2-only CPU runs it (ATen's kernels and oneDNN capped to AVX2), on an AVX-512/AMX machine.
 test-avx2: assets
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -ra
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 HF_PLUGINS_NATIVE_MARCH=haswell $(PY) -m pytest -q -ra
 
 # Local convenience only; CI always runs the whole suite.
 test-fast: install

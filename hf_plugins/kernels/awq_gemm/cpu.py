@@ -1,7 +1,12 @@
 """Fast CPU path for AWQ int4 GEMM: ``y = x @ dequant(W)`` with the weights kept at ~4 bits in memory.
 
-Two kernels read one prepacked form (:class:`CpuAwqWeight`, built once by :func:`prepack`):
+Three routes read the prepacked form (:class:`CpuAwqWeight`, built once by :func:`prepack`), which keeps the codes in
+one of two layouts: the native q4dot kernel's (:mod:`.q4dot`) or ATen's int4pack layout, whichever multiplies one
+row faster for the shape on this machine (measured once, :data:`LAYOUTS`). Per call, the fastest route of that
+layout for the shape class and row bucket is taken (measured once, :data:`ROUTES`):
 
+- ``q4dot``: the native int4 x int8 dot-product kernel (:mod:`.q4dot`), up to 32 rows; on the AVX2-capped EPYC
+  1.2-2.5x fp32 on 576- to 1536-wide layers and 4.5-7x on 1536 x 8960 at one row, where int4pack was 0.36-0.52x.
 - ``int4pack``: torch's native tinygemm CPU kernel ``aten._weight_int4pack_mm_for_cpu``. It is only fast with
   bf16 activations (fp32/fp16 activations fall onto a scalar loop, 10-50x slower), so fp32 inputs are cast to
   bf16 and the output back. The kernel also holds each group's ``(scale, zero)`` in bf16, and rounding those is a
@@ -12,9 +17,10 @@ Two kernels read one prepacked form (:class:`CpuAwqWeight`, built once by :func:
   ``group_sums(x) @ zero_residual``, +4-20% on a decode step (M=1), +2% at M=512. What is left is the bf16
   rounding of activations and outputs, random per element (2e-3 to 7e-3 max relative error).
 - ``dequant``: dequantize a cache-sized slab of columns to a transient fp32 buffer, then ``torch.mm`` (MKL
-  sgemm), slab by slab. Exact fp32 math; no full-precision copy of the weight ever exists.
+  sgemm), slab by slab, from either layout. Exact fp32 math; no full-precision copy of the weight ever exists.
 
-Measured with ``benchmarks/awq_cpu_layers.py`` (plus an M sweep) on a 2-core AMD EPYC with AVX512 + avx512_bf16,
+The table below is the measurement (before q4dot existed) behind the int4pack / dequant choice, now made per
+machine by timing; ``benchmarks/results/awq_cpu_layers-*`` hold the current figures with every route. Measured with ``benchmarks/awq_cpu_layers.py`` (plus an M sweep) on a 2-core AMD EPYC with AVX512 + avx512_bf16,
 1 thread, median ms, group 128 (kernel group 64 for in_features 576), one neighbour core busy. "AVX2" rows are the
 same CPU run as an AVX2-only machine (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``), "scalar" rows
 with ``ATEN_CPU_CAPABILITY=default``. ATen's CPU capability decides the winner, so the rule keys on it:
