@@ -15,6 +15,7 @@ from hf_plugins.quantizers.awq import algorithm
 from hf_plugins.quantizers.awq.algorithm import ClipChanges, apply_awq
 from hf_plugins.quantizers.awq.calibration import (
     ModuleInputs,
+    capture_block_activations,
     capture_block_inputs,
     find_decoder_blocks,
     propagate,
@@ -27,11 +28,14 @@ from hf_plugins.quantizers.awq.search import (
     ReplayError,
     WeightQuantizer,
     apply_clip,
+    candidate_scales,
     clamp_rows,
     diagonal_blocks,
+    leading_tokens,
     scaled_gram,
     search_best_clip,
     search_best_scales,
+    weight_magnitude,
 )
 from tests.quantizers.tiny_models import TINY_ARCHS, random_token_ids, tiny_model
 from tests.tolerances import FLOAT_KERNEL_RTOL, max_rel_error
@@ -573,3 +577,58 @@ def test_quantize_holds_out_validation_text_for_auto_clip():
     report = hf_plugins.quantize(model, config, calibration_data=CALIBRATION_TEXTS, tokenizer=char_tokenizer())
     assert report.n_samples == 3
     assert report.clip_validation.n_tokens == 4 * 31
+
+
+@pytest.mark.parametrize("minimum", [0.0, 0.05, 0.3, 0.55, 0.7, 0.95])
+def test_coarse_to_fine_scale_search_finds_the_exhaustive_alpha_with_fewer_evaluations(minimum):
+    """An error unimodal along alpha (its minimum on an even or odd grid point, or at an end): the coarse-to-fine
+    search picks the exhaustive search's alpha and scales with 10 module evaluations (RTN included), not n_grid + 1."""
+    linear = nn.Linear(64, 16)
+    quantizer = WeightQuantizer(bits=4, group_size=32)
+    magnitude = torch.rand(64, generator=torch.Generator().manual_seed(0)) + 0.5
+    original = linear.weight.detach().clone()
+    weight_mean = weight_magnitude([original], quantizer)
+    # The weights each grid step gives the linear, to tell which candidate an evaluation sees.
+    trial_weights = []
+    for step in range(20):
+        scales = candidate_scales(magnitude, weight_mean, step / 20)
+        trial_weights.append(quantizer.fake(original * scales) / scales)
+    evaluations = []
+
+    def error() -> float:
+        evaluations.append(1)
+        steps = [step for step, weight in enumerate(trial_weights) if torch.equal(linear.weight, weight)]
+        return 1.0 + (steps[0] / 20 - minimum) ** 2 if steps else 10.0
+
+    results, calls = {}, {}
+    for exhaustive in (True, False):
+        evaluations.clear()
+        results[exhaustive] = search_best_scales(error, [linear], [True], magnitude, quantizer, n_grid=20,
+                                                 duo_scaling=True, exhaustive=exhaustive)
+        calls[exhaustive] = len(evaluations)
+    assert results[False].best_alpha == results[True].best_alpha == pytest.approx(round(minimum * 20) / 20)
+    assert torch.equal(results[False].scales, results[True].scales)
+    assert calls[True] == 21 and calls[False] <= 10
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_replay_on_leading_samples_equals_the_full_replay_cut(arch):
+    """The scale search replays the leading samples only: slicing the captured attention inputs (hidden states,
+    masks, position embeddings) must give exactly the full call's first rows."""
+    model, _ = tiny_model(arch)
+    _, blocks = find_decoder_blocks(model)
+    calls = capture_block_inputs(model, blocks[0], random_token_ids(6, SEQ_LEN), batch_size=3)
+    inspected = "self_attn"
+    activations = capture_block_activations(blocks[0], calls, replay_modules={inspected}, input_linears=(),
+                                            gram_linears=())
+    inputs = activations.replay_inputs[inspected]
+    kept = leading_tokens(inputs, tokens=SEQ_LEN * 4)
+    assert [i.hidden.shape[0] for i in kept] == [3, 1]
+    module = blocks[0].get_submodule(inspected)
+    with torch.no_grad():
+        assert torch.equal(kept[1].run(module), inputs[1].run(module)[:1])
+        assert torch.equal(kept[0].run(module), inputs[0].run(module))
+    assert leading_tokens(inputs, tokens=1)[0].hidden.shape[0] == 1
+    with torch.inference_mode():
+        replay = ReplayError(module, inputs, tokens=SEQ_LEN * 4)
+        assert [i.hidden.shape[0] for i in replay.replay_inputs] == [3, 1] and replay() == 0.0

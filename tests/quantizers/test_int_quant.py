@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_plugins.quantizers.awq.int_quant import fake_quantize, quantize_groupwise
+from hf_plugins.quantizers.awq.int_quant import dequantize_groupwise, fake_quantize, quantize_groupwise
 from tests.tolerances import SQNR_FLOOR_DB, sqnr_db
 
 
@@ -23,3 +23,14 @@ def test_codes_in_range_and_error_within_floor(bits, group_size):
     assert codes.min() >= 0 and codes.max() <= 2**bits - 1
     assert zeros.min() >= 0 and zeros.max() <= 2**bits - 1
     assert sqnr_db(fake_quantize(weight, bits, group_size), weight) >= SQNR_FLOOR_DB[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1], ids=lambda g: f"g{g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fake_quantize_is_bit_identical_to_quantize_then_dequantize(bits, group_size, dtype):
+    """The searches' fused fake quantizer must round exactly as the packed weights will (partial last group: 200)."""
+    weight = (torch.randn(37, 200, generator=torch.Generator().manual_seed(bits)) * 0.05).to(dtype)
+    codes, scales, zeros = quantize_groupwise(weight, bits, group_size)
+    expected = dequantize_groupwise(codes, scales, zeros, group_size).to(dtype)
+    assert torch.equal(fake_quantize(weight, bits, group_size), expected)

@@ -48,6 +48,25 @@ class ModuleInputs:
     def run(self, module: nn.Module) -> torch.Tensor:
         return first_tensor(module(*self.args, **self.kwargs))
 
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The first tensor argument: the hidden states ``[batch, seq, hidden]``."""
+        return next(value for value in (*self.args, *self.kwargs.values()) if isinstance(value, torch.Tensor))
+
+    def leading(self, rows: int) -> ModuleInputs:
+        """The same call on its first ``rows`` samples: tensors of 2+ dims whose leading dim is the batch are sliced
+        (inside tuples too); broadcast tensors (leading dim 1) and 1-D ones (positions) are kept."""
+        batch = self.hidden.shape[0]
+
+        def sliced(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+                return value[:rows]
+            if isinstance(value, tuple):
+                return tuple(sliced(item) for item in value)
+            return value
+
+        return ModuleInputs(tuple(sliced(a) for a in self.args), {k: sliced(v) for k, v in self.kwargs.items()})
+
 
 @dataclass
 class BlockActivations:

@@ -78,6 +78,13 @@ def dequantize_groupwise(
 def fake_quantize(
     weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
 ) -> torch.Tensor:
-    """Quantize then dequantize ``weight [out, in]``; returns the same dtype as ``weight``."""
-    codes, scales, zeros = quantize_groupwise(weight, bits, group_size, scale_dtype)
-    return dequantize_groupwise(codes, scales, zeros, group_size).to(weight.dtype)
+    """Quantize then dequantize ``weight [out, in]``; returns the same dtype as ``weight``.
+
+    Bit-identical to ``dequantize_groupwise(*quantize_groupwise(...))`` (the codes are small integers, exact in
+    fp32), in six in-place passes instead of fifteen: the AWQ searches call it for every candidate.
+    """
+    scales, zeros = compute_scales_zeros(weight, bits, group_size, scale_dtype)
+    grouped = group_columns(weight.float(), group_size)
+    scale, zero = scales[..., None], zeros[..., None].float()
+    codes = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
+    return _ungrouped(codes.sub_(zero).mul_(scale), weight.shape[1]).to(weight.dtype)
