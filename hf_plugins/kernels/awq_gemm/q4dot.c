@@ -209,3 +209,24 @@ int q4dot_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, const
     free(dx);
     return 0;
 }
+
+/* Dequantize columns n0 .. n1 to fp32 rows w [n1 - n0, K] (w[n, k] = q * s - z * s): one pass over the codes, for
+ * the many-row products, which multiply these cache-sized slabs with sgemm. */
+void q4dot_dequant(const uint8_t *codes, const float *scales, const float *szeros, int64_t K, int64_t group,
+                   int64_t n0, int64_t n1, float *w) {
+    const int64_t groups = (K + group - 1) / group;
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *col = codes + n * (K / 2);
+        float *out = w + (n - n0) * K;
+        for (int64_t c = 0; c < K / BLOCK; ++c) {
+            const int64_t g = c * BLOCK / group;
+            const float s = scales[n * groups + g], sz = szeros[n * groups + g];
+            const uint8_t *chunk = col + c * (BLOCK / 2);
+            float *lo = out + c * BLOCK, *hi = lo + BLOCK / 2;
+            for (int j = 0; j < BLOCK / 2; ++j) {
+                lo[j] = (float)(chunk[j] & 0x0F) * s - sz;
+                hi[j] = (float)(chunk[j] >> 4) * s - sz;
+            }
+        }
+    }
+}
