@@ -57,7 +57,7 @@ class AwqConfig(PluginQuantizationConfig):
             ``hf_plugins.quantize`` the data can be passed to the call instead. Default: None.
         calibration_samples (`int`): number of calibration sequences, each from a different document while the
             text has documents of ``calibration_seq_len`` tokens left (8 x 512 tokens calibrate SmolLM2-135M in
-            about 100 s on 2 CPU cores; the paper uses 128). Default: 8.
+            about 90 s on 2 CPU cores; the paper uses 128). Default: 8.
         calibration_seq_len (`int`): tokens per calibration sequence. Default: 512.
         scale_search (`bool`): AWQ's activation-aware per-channel scale search. Default: True.
         n_grid (`int`): grid points for the scale exponent alpha in [0, 1). Default: 20.

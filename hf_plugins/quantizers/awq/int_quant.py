@@ -25,7 +25,8 @@ def group_columns(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out_features, in_features = weight.shape
     group = in_features if group_size == -1 else group_size
     groups = num_groups(in_features, group_size)
-    padded = torch.nn.functional.pad(weight, (0, groups * group - in_features))
+    padding = groups * group - in_features
+    padded = torch.nn.functional.pad(weight, (0, padding)) if padding else weight
     return padded.reshape(out_features, groups, group)
 
 
@@ -42,7 +43,13 @@ def compute_scales_zeros(
     int4 kernel holds scales in bf16, so such scales keep it exact at no cost. The step moves by at most 2^-9
     relative, and the codes are chosen for the rounded step, so nothing else changes.
     """
-    grouped = group_columns(weight.float(), group_size)
+    return _grouped_scales_zeros(group_columns(weight.float(), group_size), bits, scale_dtype)
+
+
+def _grouped_scales_zeros(
+    grouped: torch.Tensor, bits: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_scales_zeros` of already grouped fp32 weights ``[out, groups, g]``."""
     w_max = grouped.amax(-1).clamp_min(0.0)
     w_min = grouped.amin(-1).clamp_max(0.0)
     q_max = 2**bits - 1
@@ -83,8 +90,8 @@ def fake_quantize(
     Bit-identical to ``dequantize_groupwise(*quantize_groupwise(...))`` (the codes are small integers, exact in
     fp32), in six in-place passes instead of fifteen: the AWQ searches call it for every candidate.
     """
-    scales, zeros = compute_scales_zeros(weight, bits, group_size, scale_dtype)
     grouped = group_columns(weight.float(), group_size)
+    scales, zeros = _grouped_scales_zeros(grouped, bits, scale_dtype)
     scale, zero = scales[..., None], zeros[..., None].float()
     codes = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
     return _ungrouped(codes.sub_(zero).mul_(scale), weight.shape[1]).to(weight.dtype)

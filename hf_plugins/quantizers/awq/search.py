@@ -297,10 +297,10 @@ def _best_bounds(
     """Per (row, group) the candidate bounds ``lower, upper [steps, rows, n_groups]`` of ``grouped [rows,
     n_groups, width]`` with the lowest group-partial product error (the first on ties): two ``[rows, n_groups]``."""
     n_steps, n_rows, n_groups = lower.shape
-    clipped = torch.minimum(torch.maximum(grouped, lower[..., None]), upper[..., None])
-    quantized = quantizer.fake(clipped.reshape(n_steps * n_rows, -1)).reshape(n_steps * n_rows, n_groups, -1)
+    clipped = torch.clamp(grouped, lower[..., None], upper[..., None])
+    quantized = quantizer.fake(clipped.reshape(n_steps * n_rows, -1)).reshape(n_steps, n_rows, n_groups, -1)
     # [n_groups, steps * rows, width]: quantization error of every candidate, group-major for the Gram product
-    difference = (grouped.repeat(n_steps, 1, 1) - quantized).transpose(0, 1)
+    difference = quantized.neg_().add_(grouped).permute(2, 0, 1, 3).reshape(n_groups, n_steps * n_rows, -1)
     error = ((difference @ group_gram) * difference).sum(dim=-1).unflatten(-1, (n_steps, n_rows))
     best_step = error.argmin(dim=1).T[None]
     return lower.gather(0, best_step).squeeze(0), upper.gather(0, best_step).squeeze(0)
