@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .. import _env
-from ._routes import cpu_model
+from ._routes import cpu_model, cpuinfo_field
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +36,6 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
 def _flags() -> tuple[str, ...]:
     """All compiler flags: :data:`FLAGS` and ``-march`` (this CPU unless ``HF_PLUGINS_NATIVE_MARCH`` says)."""
     return (*FLAGS, f"-march={_env.native_march()}")
-
-
-def _cpu_flags() -> str:
-    """The ``flags`` line of ``/proc/cpuinfo`` ('' where there is none): what ``-march=native`` compiles for."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def compiler() -> str | None:
@@ -91,7 +79,7 @@ def load(source: Path) -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256()
     for part in (source.read_bytes(), " ".join(_flags()).encode(), _compiler_version(cc).encode(),
-                 cpu_model().encode(), _cpu_flags().encode()):
+                 cpu_model().encode(), (cpuinfo_field("flags", "Features") or "").encode()):
         key.update(part)
     target = _env.cache_dir() / "native" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     try:

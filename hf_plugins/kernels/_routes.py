@@ -31,14 +31,29 @@ TIMED_RUNS = 5
 """Timed calls per route (after one warm-up); the minimum counts, as the least disturbed by other processes."""
 
 
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` where there is none)."""
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``names``; None where there is none."""
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("model name"):
+                if line.startswith(names):
                     return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` where there is none)."""
+    return cpuinfo_field("model name") or platform.processor() or "cpu"
+
+
+MAX_ROW_BUCKET = 512
+"""Row counts above this share one shape class."""
+
+
+def row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two, at most :data:`MAX_ROW_BUCKET`: decode, verification and prefill rows fall
+    into different shape classes, close row counts into one."""
+    return min(1 << max(rows - 1, 0).bit_length(), MAX_ROW_BUCKET)
 
 
 def machine_key() -> str:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._routes import RouteChooser
+from .._routes import RouteChooser, row_bucket
 from .q4dot import (
     Q4DotWeight,
     q4dot_available,
@@ -86,8 +86,6 @@ _SLAB_FLOATS = 1 << 20
 _Q4DOT_MAX_ROWS = 32
 """The q4dot route is timed only up to this many rows: it re-reads the weights per 4 rows, and from 16 rows on it
 lost to int4pack or dequant + sgemm on every layer measured."""
-
-_MAX_ROW_BUCKET = 512
 
 ROUTES = RouteChooser("awq_gemm", ("q4dot", "int4pack", "dequant"))
 """The CPU routes, chosen per ``(dtype, in, out, group, codes layout, row bucket)`` on this machine."""
@@ -395,12 +393,10 @@ def cpu_routes(rows: int, weight: CpuAwqWeight) -> tuple[str, ...]:
 
 
 def _shape_class(x2d: torch.Tensor, weight: CpuAwqWeight) -> tuple:
-    """``(dtype, in, out, group, codes layout, rows rounded up to a power of two, at most 512)``; with the layout
-    and the row bucket it determines :func:`cpu_routes` (the q4dot row limit is a power of two)."""
-    rows = x2d.shape[0]
+    """``(dtype, in, out, group, codes layout, row bucket)``; with the layout and the row bucket it determines
+    :func:`cpu_routes` (the q4dot row limit is a power of two)."""
     layout = "q4dot" if weight.packed is None else f"int4pack-k{weight.kernel_group}"
-    return (x2d.dtype, weight.in_features, weight.out_features, weight.group_size, layout,
-            min(1 << (rows - 1).bit_length(), _MAX_ROW_BUCKET) if rows > 1 else 1)
+    return (x2d.dtype, weight.in_features, weight.out_features, weight.group_size, layout, row_bucket(x2d.shape[0]))
 
 
 def _by_route(route: str, x2d: torch.Tensor, weight: CpuAwqWeight) -> torch.Tensor:

@@ -3,9 +3,8 @@
 For few rows (decoding, speculative verification) the product is bound by reading the weights, so reading them at
 4 bits and multiplying with integer dot products (``vpmaddubsw`` on AVX2, ``vpdpbusd`` with VNNI) beats both fp32
 ``F.linear`` and torch's int4pack kernel, which on AVX2 unpacks to bf16 and multiplies in floats. Activations are
-quantized per 64-input block to int8 with an fp32 scale, and the rounding remainder again (:data:`LEVELS`); the
-zero-point term uses the exact fp32 group sums.
-Measured in ``benchmarks/awq_cpu_layers.py`` (the ``q4dot`` column).
+quantized per 64-input block to int8 with an fp32 scale, and the rounding remainder again (``LEVELS`` in
+``q4dot.c``: max relative error ~2e-5); the zero-point term uses the exact fp32 group sums. Measured in ``benchmarks/awq_cpu_layers.py`` (the ``q4dot`` column).
 """
 
 from __future__ import annotations
@@ -22,10 +21,6 @@ from .._native import load
 BLOCK = 64
 """Inputs per activation block (one int8 scale each); ``in_features`` and the group size must be multiples."""
 
-LEVELS = 2
-"""int8 levels per activation row: the second quantizes the first's rounding remainder, so the activations carry
-~1e-5 relative error (below bf16's 4e-3) and greedy tokens match the exact fp32 route; 1 level is llama.cpp's q8."""
-
 MIN_SLAB_COLUMNS = 256
 """Fewest output columns per dequantized slab of :func:`q4dot_dequant_matmul`."""
 
@@ -38,7 +33,7 @@ def _library() -> ctypes.CDLL | None:
     if library is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    library.q4dot_gemm.argtypes = (ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int)
+    library.q4dot_gemm.argtypes = (ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int)
     library.q4dot_gemm.restype = ctypes.c_int
     library.q4dot_dequant.argtypes = (ptr, ptr, ptr, i64, i64, i64, i64, ptr)
     library.q4dot_dequant.restype = None
@@ -102,16 +97,12 @@ def q4dot_pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
     return Q4DotWeight(packed, scales32.t().contiguous(), (zeros.float() * scales32).t().contiguous(), group_size)
 
 
-def q4dot_matmul(x2d: torch.Tensor, weight: Q4DotWeight, levels: int = LEVELS) -> torch.Tensor:
-    """fp32 ``[M, in] -> [M, out]`` through the native kernel (on torch's intra-op thread count), with ``levels``
-    (1 or 2) int8 levels per activation row (:data:`LEVELS`)."""
-    if levels not in (1, 2):
-        raise ValueError(f"levels must be 1 or 2, got {levels}.")
+def q4dot_matmul(x2d: torch.Tensor, weight: Q4DotWeight) -> torch.Tensor:
+    """fp32 ``[M, in] -> [M, out]`` through the native kernel (on torch's intra-op thread count)."""
     x32 = x2d.float().contiguous()
     rows = x32.shape[0]
     y = x32.new_empty((rows, weight.out_features))
-    status = _library().q4dot_gemm(x32.data_ptr(), rows, *weight.call_args, y.data_ptr(), torch.get_num_threads(),
-                                   levels)
+    status = _library().q4dot_gemm(x32.data_ptr(), rows, *weight.call_args, y.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError(f"q4dot could not allocate its scratch for {rows} rows of {weight.in_features} inputs")
     return y

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import choose_backend
-from .._routes import RouteChooser
+from .._routes import RouteChooser, row_bucket
 from .cpu import dense_linear_cpu, onednn_linear_supports
 from .reference import dense_linear_reference
 
@@ -34,15 +34,11 @@ __all__ = [
 ROUTES = RouteChooser("dense_linear", ("onednn", "torch"))
 """The CPU routes, chosen per ``(dtype, in, out, row bucket)`` on this machine."""
 
-_MAX_ROW_BUCKET = 512
-
-
 def _shape_class(x: torch.Tensor, weight: torch.Tensor) -> tuple:
     """``(dtype, in, out, rows rounded up to a power of two, at most 512)``: decode, verification and prefill rows
     fall into different classes, close row counts into one."""
-    rows = max(1, x.numel() // x.shape[-1])
-    return str(x.dtype).removeprefix("torch."), weight.shape[1], weight.shape[0], min(1 << (rows - 1).bit_length(),
-                                                                                         _MAX_ROW_BUCKET)
+    rows = x.numel() // x.shape[-1]
+    return str(x.dtype).removeprefix("torch."), weight.shape[1], weight.shape[0], row_bucket(rows)
 
 
 def _by_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
