@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from hf_plugins.kernels._routes import cpu_model, cpuinfo_field
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,13 @@ def time_fn(fn: Callable[[], object], min_time_s: float = 0.3, min_runs: int = 5
     )
 
 
-def _cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (falls back to ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def machine_name() -> str:
-    """A file-name-safe machine tag: CPU model, ATen's CPU capability, core count (``amd-epyc-avx512-2c``)."""
-    model = "".join(c if c.isalnum() else "-" for c in _cpu_model().lower()).strip("-")
+    """A file-name-safe machine tag: CPU model, ATen's CPU capability, core count (``amd-epyc-avx512-2c``), with
+    ``-capped`` where the CPU has AVX-512 but this process runs as an AVX2 machine (``ATEN_CPU_CAPABILITY=avx2``)."""
+    model = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    return f"{model}-{capability}-{os.cpu_count()}c"
+    capped = "-capped" if capability == "avx2" and "avx512f" in (cpuinfo_field("flags") or "").split() else ""
+    return f"{model}-{capability}{capped}-{os.cpu_count()}c"
 
 
 PARTS = ("fwd", "fwd_bwd")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -80,8 +81,17 @@ def choose_backend(op_name: str, device: torch.device | str, requested: str | No
         device: the device of the op's main input.
         requested: ``"reference"``, ``"cpu"``, ``"triton"``, or ``None``/``"auto"`` for the environment/device.
 
-    Returns ``"reference"``, ``"cpu"`` or ``"triton"``; the choice is logged once per (op, device, backend).
+    Returns ``"reference"``, ``"cpu"`` or ``"triton"``; the choice is logged once per (op, device, backend). It is
+    made once per (op, device, request, environment) and cached: quantized layers ask on every forward.
     """
+    environment = (os.environ.get("HF_PLUGINS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    return _choose_backend(op_name, device, requested, environment)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_backend(op_name: str, device: torch.device | str, requested: str | None, environment: tuple) -> str:
+    """:func:`choose_backend` for one key; ``environment`` holds the variables it reads, so changing them re-decides.
+    Errors are raised again on every call (``lru_cache`` keeps results only)."""
     device = torch.device(device)
     backend, source = _requested(requested)
     if backend is None:

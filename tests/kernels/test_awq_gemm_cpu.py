@@ -226,6 +226,7 @@ def test_triton_on_cpu_allowed_under_interpreter(clean_env):
 
 def test_choice_is_logged_once(clean_env, caplog):
     _dispatch._log_choice.cache_clear()
+    _dispatch._choose_backend.cache_clear()
     with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
         for _ in range(3):
             _dispatch.choose_backend("awq_gemm", "cpu")
@@ -264,3 +265,75 @@ def test_awq_gemm_triton_backend_reshapes_and_adds_bias(clean_env):
     assert actual.shape == (2, 3, 32)
     assert_close_kernel(actual, awq_gemm_reference(x, qweight, qzeros, scales, 32, bias), torch.float32)
 
+
+
+def _random_codes(in_features: int, out_features: int, group_size: int, bits: int):
+    group = in_features if group_size == -1 else group_size
+    groups = -(-in_features // group)
+    codes = torch.randint(0, 2**bits, (in_features, out_features), dtype=torch.uint8)
+    zeros = torch.randint(0, 2**bits, (groups, out_features), dtype=torch.uint8)
+    scales = (torch.rand(groups, out_features) * 0.02 + 1e-3).half()
+    return codes, zeros, scales
+
+
+def _codes_reference(x: torch.Tensor, codes, zeros, scales, group_size: int) -> torch.Tensor:
+    """float64 ``x @ ((codes - zeros) * scales)`` with group-repeated zeros and scales."""
+    group = codes.shape[0] if group_size == -1 else group_size
+    repeat = lambda t: t.double().repeat_interleave(group, 0)[: codes.shape[0]]  # noqa: E731
+    return x.double() @ ((codes.double() - repeat(zeros)) * repeat(scales))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7, 8])
+@pytest.mark.parametrize("route", ["q4dot", "int4pack", "dequant"])
+@pytest.mark.parametrize("in_features, out_features, group_size", [
+    pytest.param(192, 40, 64, id="K192-N40-g64"),
+    pytest.param(576, 24, 128, id="K576-N24-g128-partial"),
+    pytest.param(256, 16, -1, id="K256-N16-per-channel"),
+])
+@pytest.mark.parametrize("rows", [1, 3, 17, 40], ids=lambda m: f"M{m}")
+def test_codes_of_every_width_match_reference(bits, route, in_features, out_features, group_size, rows, force_kernel,
+                                              poison_allocations):
+    codes, zeros, scales = _random_codes(in_features, out_features, group_size, bits)
+    weight = awq_cpu.prepack_codes(codes, zeros, scales, group_size, bits)
+    assert weight is not None, "every width must have a CPU layout here (the native kernel built for 5..8 bits)"
+    if route not in awq_cpu.cpu_routes(rows, weight):
+        pytest.skip(f"{route} is not a route for W{bits} and {rows} rows ({awq_cpu.cpu_routes(rows, weight)})")
+    force_kernel(route)
+    x = torch.randn(rows, in_features)
+    actual = awq_gemm_cpu(x, weight)
+    expected = _codes_reference(x, codes, zeros, scales, group_size)
+    assert actual.shape == (rows, out_features)
+    assert_close_kernel(actual, expected, _compute_dtype(route, x.dtype))
+    assert torch.equal(awq_cpu.unprepack_codes(weight), codes)
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_wide_codes_keep_one_byte_per_weight(bits):
+    codes, zeros, scales = _random_codes(192, 40, 64, bits)
+    weight = awq_cpu.prepack_codes(codes, zeros, scales, 64, bits)
+    assert weight.packed is None and weight.q4dot.codes.shape == (40, 192)
+    assert weight.q4dot.codes.dtype == torch.uint8 and weight.q4dot.bits == bits
+
+
+def test_saturating_pairs_of_8_bit_codes_stay_exact(force_kernel):
+    """All codes 255 against activations at +-127 in every pair: one int16 pair sum would saturate on AVX2."""
+    force_kernel("q4dot")
+    codes = torch.full((128, 16), 255, dtype=torch.uint8)
+    zeros = torch.zeros(1, 16, dtype=torch.uint8)
+    scales = torch.ones(1, 16).half()
+    weight = awq_cpu.prepack_codes(codes, zeros, scales, 128, 8)
+    x = torch.ones(2, 128)
+    x[1] = -1.0
+    assert_close_kernel(awq_gemm_cpu(x, weight), _codes_reference(x, codes, zeros, scales, 128), "int8x2")
+
+
+@pytest.mark.parametrize("bits, in_features, out_features, native", [
+    pytest.param(3, 192, 36, True, id="W3-out-not-multiple-of-8"),
+    pytest.param(5, 96, 16, True, id="W5-in-not-multiple-of-64"),
+    pytest.param(8, 192, 16, False, id="W8-without-native-kernel"),
+])
+def test_codes_without_a_cpu_layout(bits, in_features, out_features, native, monkeypatch):
+    if not native:
+        monkeypatch.setattr(awq_cpu, "q4dot_available", lambda: False)
+    codes, zeros, scales = _random_codes(in_features, out_features, 32, bits)
+    assert awq_cpu.prepack_codes(codes, zeros, scales, 32, bits) is None

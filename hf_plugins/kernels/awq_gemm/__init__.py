@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import choose_backend
-from .cpu import CpuAwqWeight, awq_gemm_cpu, prepack, unprepack
+from .cpu import CpuAwqWeight, awq_gemm_cpu, prepack, prepack_codes, unprepack, unprepack_codes
 from .reference import awq_dequantize, awq_gemm_reference, pack_awq, unpack_awq
 
 __all__ = [
@@ -26,8 +26,10 @@ __all__ = [
     "effective_group_size",
     "pack_awq",
     "prepack",
+    "prepack_codes",
     "unpack_awq",
     "unprepack",
+    "unprepack_codes",
 ]
 
 

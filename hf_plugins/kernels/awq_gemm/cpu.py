@@ -133,12 +133,16 @@ class CpuAwqWeight:
     def out_features(self) -> int:
         return self.scales.shape[1]
 
-    def nbytes(self) -> int:
-        """Bytes held in memory by all tensors of this weight."""
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this weight holds (some may be shared with the module it serves)."""
         tensors = (self.packed, self.scales_zeros, self.scale_residual, self.zero_residual, self.scales, self.qzeros)
         if self.q4dot is not None:
             tensors += (self.q4dot.codes, self.q4dot.scales, self.q4dot.scaled_zeros)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return [t for t in tensors if t is not None]
+
+    def nbytes(self) -> int:
+        """Bytes held in memory by all tensors of this weight."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def zeros(self) -> torch.Tensor:
         """The integer zero points, int32 ``[groups, out_features]``."""
@@ -334,6 +338,44 @@ def prepack(
     return weight
 
 
+def prepack_codes(
+    codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int
+) -> CpuAwqWeight | None:
+    """Prepack unsigned integer codes of any width 1..8 for :func:`awq_gemm_cpu`, once at load time.
+
+    Args:
+        codes: integer ``[in_features, out_features]``, values ``0 .. 2^bits - 1``.
+        zeros: integer ``[groups, out_features]``, the zero points (``w = (q - z) * s``).
+        scales: float ``[groups, out_features]``.
+        group_size: as for :func:`prepack` (``-1``: one group).
+        bits: the code width.
+
+    Codes of at most 4 bits take :func:`prepack`'s layouts; 5..8 bits the q4dot kernel's one-code-per-byte
+    layout. Returns None where no CPU kernel takes the layer: at most 4 bits with ``out_features % 8`` (the AWQ
+    words hold 8 channels), or more than 4 bits without the native kernel or with ``in_features`` or the group
+    not a multiple of 64. The zero points stay with the caller (they are needed again only by
+    :meth:`CpuAwqWeight.zeros` for the int4 layouts, which recover them).
+    """
+    in_features, out_features = codes.shape
+    group = in_features if group_size == -1 else group_size
+    if bits <= 4:
+        if out_features % 8:
+            return None
+        return prepack(pack_awq(codes.to(torch.int32)), pack_awq(zeros.to(torch.int32)), scales, group)
+    if not (q4dot_available() and q4dot_shape_supported(in_features, group)):
+        return None
+    empty = torch.empty(0, dtype=torch.bfloat16)
+    wide = q4dot_pack(codes, zeros, scales, group, bits)
+    return CpuAwqWeight(None, empty, None, empty, scales.contiguous(), None, group, 0, wide)
+
+
+def unprepack_codes(weight: CpuAwqWeight) -> torch.Tensor:
+    """The codes of a weight from :func:`prepack` or :func:`prepack_codes`: uint8 ``[in, out]``, bit-identical."""
+    if weight.packed is None:
+        return q4dot_codes(weight.q4dot).contiguous()
+    return _unpack_layout(weight.packed, *native_layout())[:, : weight.out_features].contiguous()
+
+
 def _measured_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int) -> str:
     """The layout (:data:`LAYOUTS`) whose kernel multiplies one row fastest for this layer's shape class on this
     machine; both are built and timed only when the class is not in the route table yet."""
@@ -366,11 +408,7 @@ def _recovered_zeros(
 
 def unprepack(weight: CpuAwqWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of :func:`prepack`: ``(qweight, qzeros, scales)`` bit-identical to the tensors packed."""
-    if weight.packed is None:
-        codes = q4dot_codes(weight.q4dot)
-    else:
-        codes = _unpack_layout(weight.packed, *native_layout())
-    return _codes_to_awq(codes, weight.out_features), weight.awq_qzeros(), weight.scales
+    return _codes_to_awq(unprepack_codes(weight), weight.out_features), weight.awq_qzeros(), weight.scales
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,7 +433,7 @@ def cpu_routes(rows: int, weight: CpuAwqWeight) -> tuple[str, ...]:
 def _shape_class(x2d: torch.Tensor, weight: CpuAwqWeight) -> tuple:
     """``(dtype, in, out, group, codes layout, row bucket)``; with the layout and the row bucket it determines
     :func:`cpu_routes` (the q4dot row limit is a power of two)."""
-    layout = "q4dot" if weight.packed is None else f"int4pack-k{weight.kernel_group}"
+    layout = f"q4dot-w{weight.q4dot.bits}" if weight.packed is None else f"int4pack-k{weight.kernel_group}"
     return (x2d.dtype, weight.in_features, weight.out_features, weight.group_size, layout, row_bucket(x2d.shape[0]))
 
 

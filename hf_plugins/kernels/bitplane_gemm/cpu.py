@@ -10,7 +10,9 @@ so ``x W^T`` is a packed int4 matmul per chunk (one for n <= 4, two for 5..8 bit
 of :mod:`hf_plugins.kernels.awq_gemm.cpu`. The chunks are stacked along the outputs into one int4 weight
 ``[chunks * out, in]``: one kernel call, whose output halves are summed (1.4x faster than two calls at 576 x 576,
 M = 1). This is the bit-level decomposition of the GPU kernel at the granularity this CPU computes fastest
-(``benchmarks/bitplane_cpu.py``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
+(``benchmarks/bitplane_cpu.py``). Where the native q4dot kernel takes the layer, 5..8-bit weights instead keep
+their whole codes, one per byte, in a single chunk (``awq_gemm.prepack_codes``): the same bytes, half the integer
+work and no output sum (SmolLM2-135M W8 decode 7.6 -> see ``benchmarks/awq_cpu_speed.py``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
 (int8 x int8 -> int32) runs 3-16x slower than fp32 sgemm without VNNI, and an inductor-compiled dequant + GEMV
 7.7x slower than the int4 kernel at 1536 x 8960, M = 1 (``awq_gemm/cpu.py``).
 
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack, unpack_awq, unprepack
+from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack, prepack_codes, unprepack_codes
+from ..awq_gemm.q4dot import q4dot_available, q4dot_shape_supported
 from .reference import (
     bipolar_limit,
     bit_planes,
@@ -55,6 +58,12 @@ def integer_zeros(scales: torch.Tensor, offsets: torch.Tensor, bits: int) -> tor
     return rounded.to(torch.int32)
 
 
+def unsigned_codes(planes: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Packed planes uint8 ``[bits, out, ceil(in/8)]`` -> the unsigned codes ``u = (v + 2^bits - 1) / 2`` int32
+    ``[out, in]``."""
+    return (planes_to_bipolar(unpack_planes(planes, in_features)) + bipolar_limit(planes.shape[0])) // 2
+
+
 def nibble_chunks(
     planes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
@@ -72,7 +81,7 @@ def nibble_chunks(
     zeros = integer_zeros(scales, offsets, bits)
     if zeros is None or out_features % 8:
         return None
-    codes = (planes_to_bipolar(unpack_planes(planes, in_features)) + bipolar_limit(bits)) // 2  # [out, in]
+    codes = unsigned_codes(planes, in_features)
     chunks = []
     for shift in range(0, bits, NIBBLE):
         chunk_codes = (codes >> shift) & 0xF
@@ -90,6 +99,10 @@ class CpuBitplaneWeight:
     stacked: CpuAwqWeight
     chunks: int
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor held."""
+        return self.stacked.tensors()
+
     def nbytes(self) -> int:
         """Bytes held in memory."""
         return self.stacked.nbytes()
@@ -98,12 +111,19 @@ class CpuBitplaneWeight:
 def prepack_bitplanes(
     planes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int, group_size: int
 ) -> CpuBitplaneWeight | None:
-    """Prepack once at load time (see :func:`nibble_chunks`); None when the weight has no int4 form (or an odd
-    ``in_features``, which the int4 CPU layout cannot hold)."""
+    """Prepack once at load time (see :func:`nibble_chunks` and the module doc); None when the weight has no
+    integer zero points (or an odd ``in_features``, which the int4 CPU layout cannot hold)."""
+    bits = planes.shape[0]
+    group = in_features if group_size == -1 else group_size
+    if bits > NIBBLE and q4dot_available() and q4dot_shape_supported(in_features, group):
+        zeros = integer_zeros(scales, offsets, bits)
+        if zeros is None:
+            return None
+        codes = unsigned_codes(planes, in_features)
+        return CpuBitplaneWeight(prepack_codes(codes.t(), zeros, 2 * scales.float(), group, bits), 1)
     chunks = nibble_chunks(planes, scales, offsets, in_features)
     if chunks is None or in_features % 2:
         return None
-    group = in_features if group_size == -1 else group_size
     stacked = (torch.cat(parts, dim=1) for parts in zip(*chunks))  # AWQ tensors are [.., out]: out is dim 1
     return CpuBitplaneWeight(prepack(*stacked, group), len(chunks))
 
@@ -111,7 +131,7 @@ def prepack_bitplanes(
 def unprepack_bitplanes(weight: CpuBitplaneWeight, bits: int) -> torch.Tensor:
     """Exact inverse of :func:`prepack_bitplanes` for the planes: uint8 ``[bits, out, ceil(in/8)]``, bit-identical
     to the planes packed (so modules can drop them while the prepacked form serves)."""
-    codes = unpack_awq(unprepack(weight.stacked)[0])  # [in, chunks * out]
+    codes = unprepack_codes(weight.stacked).to(torch.int32)  # [in, chunks * out]
     chunks = codes.unflatten(1, (weight.chunks, -1))
     combined = sum(chunks[:, c] << (NIBBLE * c) for c in range(weight.chunks))  # [in, out]
     return pack_planes(bit_planes(codes_to_bipolar(combined.t(), bits), bits))

@@ -10,25 +10,51 @@ Buffers (the checkpoint format):
 
 ``groups = ceil(in / group_size)`` (1 for per-channel ``group_size=-1``).
 
-On CPU the packed int4 weights are converted once, on the first forward, into the layout of the CPU kernel
-(``hf_plugins.kernels.awq_gemm.prepack``) and the AWQ ``qweight`` buffer is released, so only ~4 bits per weight
-stay in memory; ``state_dict``, loading and device moves regenerate the AWQ tensors bit-identically.
+On CPU the codes of every bit width are converted once, on the first forward, into the layout of the CPU kernels
+(``hf_plugins.kernels.awq_gemm.prepack`` / ``prepack_codes``: half a byte per weight up to 4 bits, one byte for 5..8)
+and the ``qweight`` buffer is released; ``state_dict``, loading and device moves regenerate the checkpoint tensors
+bit-identically. Layers no kernel takes (see ``prepack_codes``; and bit widths other than 4 on GPUs) multiply a
+transient dequantized weight, with a warning once per shape.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...kernels._dispatch import choose_backend
-from ...kernels.awq_gemm import CpuAwqWeight, awq_gemm, awq_gemm_cpu, pack_awq, prepack, unpack_awq, unprepack
+from ...kernels.awq_gemm import (
+    CpuAwqWeight,
+    awq_gemm,
+    awq_gemm_cpu,
+    pack_awq,
+    prepack,
+    prepack_codes,
+    unpack_awq,
+    unprepack,
+    unprepack_codes,
+)
 from .int_quant import num_groups, quantize_groupwise
+
+logger = logging.getLogger(__name__)
 
 
 def uses_awq_layout(bits: int, out_features: int) -> bool:
     """Whether a layer is stored in the packed int4 AWQ layout (else one code per byte)."""
     return bits == 4 and out_features % 8 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_dequant_path(bits: int, in_features: int, out_features: int, device_type: str) -> None:
+    """Once per layer shape: a slow path is never silent."""
+    logger.warning("AWQ W%d %dx%d on %s multiplies a dequantized copy of its weight on every call (slower than "
+                   "the float model): no packed kernel takes it (CPU: W<=4 needs out_features %% 8 == 0, W5-W8 the "
+                   "native kernel and in_features and group size multiples of 64; GPU: W4 only)",
+                   bits, in_features, out_features, device_type)
 
 
 class AwqLinear(nn.Module):
@@ -103,11 +129,18 @@ class AwqLinear(nn.Module):
 
     def awq_qweight(self) -> torch.Tensor:
         """``qweight`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active."""
-        return unprepack(self._cpu_weight)[0] if self._cpu_weight is not None else self.qweight
+        if self._cpu_weight is None:
+            return self.qweight
+        if uses_awq_layout(self.bits, self.out_features):
+            return unprepack(self._cpu_weight)[0]
+        return unprepack_codes(self._cpu_weight)
 
     def awq_qzeros(self) -> torch.Tensor:
-        """``qzeros`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active."""
-        return self._cpu_weight.awq_qzeros() if self._cpu_weight is not None else self.qzeros
+        """``qzeros`` in the checkpoint layout, regenerated from the CPU prepacked form when that is active (the
+        one-code-per-byte layout keeps its ``qzeros`` buffer)."""
+        if self._cpu_weight is not None and uses_awq_layout(self.bits, self.out_features):
+            return self._cpu_weight.awq_qzeros()
+        return self.qzeros
 
     def _release_cpu_weight(self) -> None:
         """Restore the AWQ ``qweight`` and ``qzeros`` buffers and drop the CPU prepacked form."""
@@ -115,14 +148,20 @@ class AwqLinear(nn.Module):
             self.qweight, self.qzeros = self.awq_qweight(), self.awq_qzeros()
             self._cpu_weight = None
 
-    def _cpu_prepacked(self) -> CpuAwqWeight:
-        # The prepacked form holds the codes and (exactly recoverable) zeros; the AWQ buffers are regenerated for
-        # state_dict and other devices, so no copy stays in memory.
-        if self._cpu_weight is None:
+    def _cpu_prepacked(self) -> CpuAwqWeight | None:
+        # The prepacked form holds the codes and (exactly recoverable) zeros; the checkpoint buffers are
+        # regenerated for state_dict and other devices, so no copy stays in memory.
+        if self._cpu_weight is not None:
+            return self._cpu_weight
+        if uses_awq_layout(self.bits, self.out_features):
             self._cpu_weight = prepack(self.qweight, self.qzeros, self.scales, self.kernel_group_size)
             self.qweight = torch.empty(0, dtype=torch.int32)
             if self._cpu_weight.qzeros is None:
                 self.qzeros = torch.empty(0, dtype=torch.int32)
+            return self._cpu_weight
+        self._cpu_weight = prepack_codes(self.qweight, self.qzeros, self.scales, self.kernel_group_size, self.bits)
+        if self._cpu_weight is not None:
+            self.qweight = torch.empty(0, dtype=torch.uint8)
         return self._cpu_weight
 
     def _apply(self, fn, recurse=True):
@@ -138,22 +177,31 @@ class AwqLinear(nn.Module):
         if uses_awq_layout(self.bits, self.out_features):
             codes, zeros = unpack_awq(self.awq_qweight()), unpack_awq(self.awq_qzeros())
         else:
-            codes, zeros = self.qweight.to(torch.int32), self.qzeros.to(torch.int32)
+            codes, zeros = self.awq_qweight().to(torch.int32), self.qzeros.to(torch.int32)
         group = self.kernel_group_size
         zeros = zeros.repeat_interleave(group, dim=0)[: self.in_features]
         scales = self.scales.float().repeat_interleave(group, dim=0)[: self.in_features]
         return ((codes - zeros).float() * scales).t()
 
+    def _has_packed_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a packed kernel of ``x``'s device takes this layer: every backend for the AWQ int4 layout, the
+        CPU kernels for the others where :func:`prepack_codes` finds a layout."""
+        if uses_awq_layout(self.bits, self.out_features):
+            return True
+        return choose_backend("awq_gemm", x.device) == "cpu" and self._cpu_prepacked() is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_awq_layout(self.bits, self.out_features):
-            # Other bit widths have no packed kernel: a transient dequantized weight, freed after the call.
+        if not self._has_packed_kernel(x):
+            # A transient dequantized weight, freed after the call.
+            if choose_backend("awq_gemm", x.device) != "reference":
+                _warn_dequant_path(self.bits, self.in_features, self.out_features, x.device.type)
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return PackedMatmul.apply(x, self)
         return self.packed_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in] -> [..., out]`` through the packed int4 kernel of ``x``'s device."""
+        """``x [..., in] -> [..., out]`` through the packed kernel of ``x``'s device."""
         if choose_backend("awq_gemm", x.device) == "cpu":
             return awq_gemm_cpu(x, self._cpu_prepacked(), self.bias)
         self._release_cpu_weight()
