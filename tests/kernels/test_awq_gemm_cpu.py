@@ -337,3 +337,20 @@ def test_codes_without_a_cpu_layout(bits, in_features, out_features, native, mon
         monkeypatch.setattr(awq_cpu, "q4dot_available", lambda: False)
     codes, zeros, scales = _random_codes(in_features, out_features, 32, bits)
     assert awq_cpu.prepack_codes(codes, zeros, scales, 32, bits) is None
+
+
+def test_route_is_kept_per_weight_and_a_forced_route_still_wins(force_kernel, monkeypatch):
+    qweight, qzeros, scales = _random_awq(128, 16, 64)
+    weight = prepack(qweight, qzeros, scales, 64)
+    x = torch.randn(1, 128)
+    awq_gemm_cpu(x, weight)
+    chosen = weight.chosen_routes[(torch.float32, 1)]
+    taken, by_route = [], awq_cpu._by_route
+    monkeypatch.setattr(awq_cpu, "_by_route", lambda route, *args: taken.append(route) or by_route(route, *args))
+    monkeypatch.setattr(awq_cpu.ROUTES, "choose", lambda *args: pytest.fail("the kept route must be reused"))
+    awq_gemm_cpu(x, weight)
+    monkeypatch.undo()
+    monkeypatch.setattr(awq_cpu, "_by_route", lambda route, *args: taken.append(route) or by_route(route, *args))
+    force_kernel("dequant")
+    awq_gemm_cpu(x, weight)
+    assert taken == [chosen, "dequant"]

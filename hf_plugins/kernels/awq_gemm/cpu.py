@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ... import _env
 from .._routes import RouteChooser, row_bucket
 from .q4dot import (
     Q4DotWeight,
@@ -113,6 +114,9 @@ class CpuAwqWeight:
             recovered exactly from ``scales_zeros``, ``zero_residual`` and ``scales`` (see :meth:`zeros`).
         group_size: the effective group size (``in_features`` for per-channel ``-1``).
         kernel_group: the int4pack kernel's group size (a divisor of ``group_size``), or 0 when none fits.
+        q4dot: the codes in the q4dot kernel's layout (then ``packed`` is None), or None.
+        chosen_routes: the route :data:`ROUTES` chose per ``(dtype, rows)`` for this weight, so a decoding step
+            asks the route table once per layer and row count, not on every call.
     """
 
     packed: torch.Tensor | None
@@ -124,6 +128,7 @@ class CpuAwqWeight:
     group_size: int
     kernel_group: int
     q4dot: Q4DotWeight | None = None
+    chosen_routes: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def in_features(self) -> int:
@@ -530,8 +535,13 @@ def awq_gemm_cpu(x: torch.Tensor, weight: CpuAwqWeight, bias: torch.Tensor | Non
             "check which layer this input belongs to."
         )
     x2d = x.reshape(-1, weight.in_features)
-    routes = cpu_routes(x2d.shape[0], weight)
-    route = ROUTES.choose(_shape_class(x2d, weight), lambda candidate: _by_route(candidate, x2d, weight), routes)
+    forced, key = _env.forced_route(), (x2d.dtype, x2d.shape[0])
+    route = None if forced else weight.chosen_routes.get(key)
+    if route is None:
+        routes = cpu_routes(x2d.shape[0], weight)
+        route = ROUTES.choose(_shape_class(x2d, weight), lambda candidate: _by_route(candidate, x2d, weight), routes)
+        if not forced:
+            weight.chosen_routes[key] = route
     y = _by_route(route, x2d, weight)
     if bias is not None:
         y = y + bias.to(y.dtype)

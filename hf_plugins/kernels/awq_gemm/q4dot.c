@@ -33,6 +33,14 @@
 /* int8 levels per activation row: the second rounds the first's remainder, max relative error ~2e-5 instead of ~7e-3
  * for 30-50% more arithmetic, so greedy tokens match the exact fp32 route. */
 #define LEVELS 2
+/* AVX2 without VNNI multiplies 8-bit codes by int16 activations of one level (vpmaddwd): vpmaddubsw's int16 pair
+ * sums would saturate (255 * 127 * 2), and one int16 level (max relative error ~1.5e-5) is as exact as two int8
+ * levels. A row's int16 activations take the bytes of its two int8 levels. */
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(__AVXVNNI__)
+#define WIDE_INT16 1
+#else
+#define WIDE_INT16 0
+#endif
 
 #if defined(__AVX2__)
 static inline float hsum(__m256 v) {
@@ -76,6 +84,28 @@ static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
     }
     return d;
 }
+
+/* As quantize_block, to int16 in one level (for WIDE_INT16). */
+static float quantize_block16(const float *in, int16_t *out, float *sum) {
+    __m256 v[BLOCK / 8], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < BLOCK / 8; ++i) {
+        v[i] = _mm256_loadu_ps(in + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        total = _mm256_add_ps(total, v[i]);
+    }
+    *sum = hsum(total);
+    const float top = hmax(amax);
+    const __m256 inv = _mm256_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
+    for (int i = 0; i < BLOCK / 8; i += 2) {
+        const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
+        /* packs interleaves the 128-bit lanes; the permute restores input order. */
+        const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_storeu_si256((__m256i *)(out + 8 * i), words);
+    }
+    return top / 32767.0f;
+}
 #else
 /* As the AVX2 version above. */
 static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
@@ -97,9 +127,9 @@ static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
 
 /* Per row m: group sums xsum [M, G], and LEVELS int8 rows m * LEVELS + l (xq [M * LEVELS, K], one scale per 64-block
  * in dx [M * LEVELS, K / 64]) whose scaled sum approximates the row: level 0 rounds the row, level 1 its rounding
- * remainder. */
+ * remainder. With `int16`, one int16 row in the bytes of the two (scales in the level-0 rows of dx). */
 static void quantize_rows(const float *x, int64_t rows, int64_t K, int64_t group, int8_t *xq, float *dx,
-                          float *xsum) {
+                          float *xsum, int int16) {
     const int64_t blocks = K / BLOCK, groups = (K + group - 1) / group;
     float work[BLOCK];
     for (int64_t m = 0; m < rows; ++m) {
@@ -107,6 +137,14 @@ static void quantize_rows(const float *x, int64_t rows, int64_t K, int64_t group
         for (int64_t g = 0; g < groups; ++g) xsum[m * groups + g] = 0.0f;
         for (int64_t b = 0; b < blocks; ++b) {
             float block_sum;
+#if WIDE_INT16
+            if (int16) {
+                int16_t *out = (int16_t *)(xq + m * LEVELS * K) + b * BLOCK;
+                dx[m * LEVELS * blocks + b] = quantize_block16(row + b * BLOCK, out, &block_sum);
+                xsum[m * groups + b * BLOCK / group] += block_sum;
+                continue;
+            }
+#endif
             memcpy(work, row + b * BLOCK, sizeof(work));
             for (int l = 0; l < LEVELS; ++l) {
                 const int64_t v = m * LEVELS + l;
@@ -120,7 +158,7 @@ static void quantize_rows(const float *x, int64_t rows, int64_t K, int64_t group
 
 #if defined(__AVX2__)
 /* Eight int32 lanes of sum(lo * a) + sum(hi * b) over 64 unsigned codes and 64 int8 activations: 4-bit codes
- * (wide 0), up to 7-bit (1) or 8-bit (2). */
+ * (wide 0), or bytes (wide 1; 8-bit codes only with VNNI, see WIDE_INT16). */
 static inline __attribute__((always_inline)) __m256i dot64(const int wide, __m256i lo, __m256i hi,
                                                           const int8_t *xq) {
     const __m256i a = _mm256_loadu_si256((const __m256i *)xq);
@@ -132,23 +170,24 @@ static inline __attribute__((always_inline)) __m256i dot64(const int wide, __m25
 #else
     const __m256i ones = _mm256_set1_epi16(1);
     /* Up to 7-bit codes one int16 pair sum fits (127 * 127 * 2 = 32258), two would not: each widens on its own. */
-    if (wide == 1)
+    if (wide)
         return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a), ones),
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), ones));
-    /* 8-bit codes would saturate one pair (255 * 127 * 2): split them into nibbles, the high ones weighted 16. */
-    if (wide == 2) {
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(lo, mask), a),
-                                             _mm256_maddubs_epi16(_mm256_and_si256(hi, mask), b));
-        const __m256i high = _mm256_add_epi16(
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), mask), a),
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), mask), b));
-        return _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, _mm256_set1_epi16(16)));
-    }
     /* 15 * 127 * 2 per 16-bit lane, twice: 7620, no saturation. */
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a), _mm256_maddubs_epi16(hi, b));
     return _mm256_madd_epi16(pairs, ones);
 #endif
+}
+
+/* Eight int32 lanes of sum(codes * a) over 64 8-bit codes and 64 int16 activations (WIDE_INT16): pairs of at most
+ * 255 * 32767 * 2, four per lane. */
+static inline __m256i dot64_int16(const uint8_t *codes, const int16_t *a) {
+    __m256i total = _mm256_setzero_si256();
+    for (int j = 0; j < BLOCK; j += 16) {
+        const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + j)));
+        total = _mm256_add_epi32(total, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(a + j))));
+    }
+    return total;
 }
 
 /* `R` rows from r0 times `NC` columns from n0: R * NC independent accumulator chains (R * NC <= 4 keeps the
@@ -166,6 +205,16 @@ static inline __attribute__((always_inline)) void tile(const int R, const int NC
         for (int i = 0; i < R * NC; ++i) part[i] = _mm256_setzero_ps();
         for (int64_t b = first; b < last; ++b) {
             for (int c = 0; c < NC; ++c) {
+                if (WIDE_INT16 && wide == 2) {
+                    const uint8_t *chunk = codes + (n0 + c) * K + b * BLOCK;
+                    for (int r = 0; r < R; ++r) {
+                        const int64_t v = (r0 + r) * LEVELS;
+                        const __m256 dot = _mm256_cvtepi32_ps(dot64_int16(chunk, (const int16_t *)(xq + v * K) + b * BLOCK));
+                        part[r * NC + c] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(dx + v * blocks + b),
+                                                           part[r * NC + c]);
+                    }
+                    continue;
+                }
                 __m256i lo, hi;
                 if (wide) {
                     const uint8_t *chunk = codes + (n0 + c) * K + b * BLOCK;
@@ -276,9 +325,9 @@ int q4dot_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, const
     if (!dx) return -1;
     float *xsum = dx + LEVELS * M * (K / BLOCK);
     int8_t *xq = (int8_t *)(xsum + M * groups);
-    /* 0: nibbles; 1: bytes of 5..7 bits; 2: bytes of 8 bits (see dot64). */
+    /* 0: nibbles; 1: bytes of 5..7 bits; 2: bytes of 8 bits (see WIDE_INT16). */
     const int wide = bits <= 4 ? 0 : bits < 8 ? 1 : 2;
-    quantize_rows(x, M, K, group, xq, dx, xsum);
+    quantize_rows(x, M, K, group, xq, dx, xsum, WIDE_INT16 && wide == 2);
     /* Small layers run on one thread: waking the pool costs more than their few microseconds of work. */
     if (N * K * M < (1 << 19)) threads = 1;
     const int64_t tiles = (N + COLUMN_TILE - 1) / COLUMN_TILE;

@@ -183,21 +183,23 @@ class AwqLinear(nn.Module):
         scales = self.scales.float().repeat_interleave(group, dim=0)[: self.in_features]
         return ((codes - zeros).float() * scales).t()
 
-    def _has_packed_kernel(self, x: torch.Tensor) -> bool:
-        """Whether a packed kernel of ``x``'s device takes this layer: every backend for the AWQ int4 layout, the
-        CPU kernels for the others where :func:`prepack_codes` finds a layout."""
-        if uses_awq_layout(self.bits, self.out_features):
-            return True
-        return choose_backend("awq_gemm", x.device) == "cpu" and self._cpu_prepacked() is not None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._has_packed_kernel(x):
+        backend = choose_backend("awq_gemm", x.device)
+        # Every width has a packed CPU form where prepack_codes finds a layout; on other backends only the AWQ
+        # int4 layout has kernels.
+        if backend == "cpu":
+            packed = self._cpu_prepacked() is not None
+        else:
+            packed = uses_awq_layout(self.bits, self.out_features)
+        if not packed:
             # A transient dequantized weight, freed after the call.
-            if choose_backend("awq_gemm", x.device) != "reference":
+            if backend != "reference":
                 _warn_dequant_path(self.bits, self.in_features, self.out_features, x.device.type)
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return PackedMatmul.apply(x, self)
+        if backend == "cpu":
+            return awq_gemm_cpu(x, self._cpu_weight, self.bias)
         return self.packed_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
