@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="alternating fp32 / quantized decode runs")
     parser.add_argument("--configs", nargs="+", default=["awq-w4"], choices=sorted(CONFIGS))
+    parser.add_argument("--out", type=Path, default=None, help="results file (default: results/<date>-<machine>)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
@@ -154,7 +155,7 @@ def main() -> None:
         del model
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = RESULTS / f"awq_cpu_speed-{stamp}-{machine_name()}.json"
+    path = args.out or RESULTS / f"awq_cpu_speed-{stamp}-{machine_name()}.json"
     report = {"date": stamp, "machine": machine_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "native_march": os.environ.get("HF_PLUGINS_NATIVE_MARCH", "native"), "torch": torch.__version__,
               "rows": rows}

@@ -1,8 +1,9 @@
-"""Fast CPU path for AWQ int4 GEMM: ``y = x @ dequant(W)`` with the weights kept at ~4 bits in memory.
+"""Fast CPU path for AWQ GEMM: ``y = x @ dequant(W)`` with the weights kept at ~4 bits in memory (1..4-bit codes)
+or at one byte (5..8-bit codes, :func:`prepack_codes`).
 
-Three routes read the prepacked form (:class:`CpuAwqWeight`, built once by :func:`prepack`), which keeps the codes in
-one of two layouts: the native q4dot kernel's (:mod:`.q4dot`) or ATen's int4pack layout, whichever multiplies one
-row faster for the shape on this machine (measured once, :data:`LAYOUTS`). Per call, the fastest route of that
+Three routes read the prepacked form (:class:`CpuAwqWeight`, built once by :func:`prepack`), which keeps 4-bit codes
+in one of two layouts: the native q4dot kernel's (:mod:`.q4dot`) or ATen's int4pack layout, whichever multiplies one
+row faster for the shape on this machine (measured once, :data:`LAYOUTS`); wider codes only in q4dot's. Per call, the fastest route of that
 layout for the shape class and row bucket is taken (measured once, :data:`ROUTES`):
 
 - ``q4dot``: the native int4 x int8 dot-product kernel (:mod:`.q4dot`), up to 32 rows; on the AVX2-capped EPYC

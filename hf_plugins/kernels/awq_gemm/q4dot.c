@@ -57,10 +57,9 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Rounds `in` [BLOCK] to int8 `out` with one scale, returned (rounding to nearest even, as lrintf); `in` keeps the
- * rounding remainder when `residual`; `*sum` gets the sum of `in` when `sum` is not NULL. */
-static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
-    __m256 v[BLOCK / 8], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+/* Loads `in` [BLOCK] into v; returns max |in|; `*sum` gets the sum of `in` when `sum` is not NULL. */
+static inline float load_block(const float *in, __m256 v[BLOCK / 8], float *sum) {
+    __m256 amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int i = 0; i < BLOCK / 8; ++i) {
         v[i] = _mm256_loadu_ps(in + 8 * i);
@@ -68,7 +67,14 @@ static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
         total = _mm256_add_ps(total, v[i]);
     }
     if (sum) *sum = hsum(total);
-    const float top = hmax(amax), d = top / 127.0f;
+    return hmax(amax);
+}
+
+/* Rounds `in` [BLOCK] to int8 `out` with one scale, returned (rounding to nearest even, as lrintf); `in` keeps the
+ * rounding remainder when `residual`; `*sum` gets the sum of `in` when `sum` is not NULL. */
+static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
+    __m256 v[BLOCK / 8];
+    const float top = load_block(in, v, sum), d = top / 127.0f;
     const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f), scale = _mm256_set1_ps(d);
     /* packs interleave the 128-bit lanes: this puts the eight 4-byte runs back in input order. */
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -87,15 +93,8 @@ static float quantize_block(float *in, int8_t *out, int residual, float *sum) {
 
 /* As quantize_block, to int16 in one level (for WIDE_INT16). */
 static float quantize_block16(const float *in, int16_t *out, float *sum) {
-    __m256 v[BLOCK / 8], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int i = 0; i < BLOCK / 8; ++i) {
-        v[i] = _mm256_loadu_ps(in + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        total = _mm256_add_ps(total, v[i]);
-    }
-    *sum = hsum(total);
-    const float top = hmax(amax);
+    __m256 v[BLOCK / 8];
+    const float top = load_block(in, v, sum);
     const __m256 inv = _mm256_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
     for (int i = 0; i < BLOCK / 8; i += 2) {
         const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));

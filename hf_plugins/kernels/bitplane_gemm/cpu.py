@@ -12,7 +12,7 @@ of :mod:`hf_plugins.kernels.awq_gemm.cpu`. The chunks are stacked along the outp
 M = 1). This is the bit-level decomposition of the GPU kernel at the granularity this CPU computes fastest
 (``benchmarks/bitplane_cpu.py``). Where the native q4dot kernel takes the layer, 5..8-bit weights instead keep
 their whole codes, one per byte, in a single chunk (``awq_gemm.prepack_codes``): the same bytes, half the integer
-work and no output sum (SmolLM2-135M W8 decode 7.6 -> see ``benchmarks/awq_cpu_speed.py``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
+work and no output sum (whole-model figures per width: ``benchmarks/awq_cpu_speed.py``, ``docs/awq-cpu.md``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
 (int8 x int8 -> int32) runs 3-16x slower than fp32 sgemm without VNNI, and an inductor-compiled dequant + GEMV
 7.7x slower than the int4 kernel at 1536 x 8960, M = 1 (``awq_gemm/cpu.py``).
 
