@@ -12,11 +12,13 @@ from hf_plugins.kernels.bitplane_gemm.reference import (
     bit_planes,
     bitplane_matmul_reference,
     codes_to_bipolar,
+    pack_code_planes,
     pack_planes,
     planes_to_bipolar,
     popcount_matmul_reference,
     round_to_bipolar,
     signed_to_bipolar,
+    unpack_code_planes,
     unpack_planes,
 )
 
@@ -75,3 +77,12 @@ def test_decomposition_and_recovery_equal_an_int64_matmul(x_bits, w_bits):
     x_packed, w_packed = pack_planes(x_planes), pack_planes(w_planes)
     assert torch.equal(unpack_planes(w_packed, k), w_planes)
     assert torch.equal(popcount_matmul_reference(x_packed, w_packed, k), expected)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("rows, k", [(5, 13), (3, 64), (7, 100)])
+def test_planes_packed_from_codes_equal_the_planes_packed(bits, rows, k):
+    codes = torch.randint(0, 2**bits, (rows, k))
+    packed = pack_code_planes(codes, bits)
+    assert torch.equal(packed, pack_planes(bit_planes(codes_to_bipolar(codes, bits), bits)))
+    assert torch.equal(unpack_code_planes(packed, k), codes.to(torch.int32))

@@ -30,12 +30,9 @@ from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack, prepack_co
 from ..awq_gemm.q4dot import q4dot_available, q4dot_shape_supported
 from .reference import (
     bipolar_limit,
-    bit_planes,
-    codes_to_bipolar,
-    pack_planes,
-    planes_to_bipolar,
+    pack_code_planes,
     quantize_activations,
-    unpack_planes,
+    unpack_code_planes,
 )
 
 NIBBLE = 4
@@ -61,7 +58,7 @@ def integer_zeros(scales: torch.Tensor, offsets: torch.Tensor, bits: int) -> tor
 def unsigned_codes(planes: torch.Tensor, in_features: int) -> torch.Tensor:
     """Packed planes uint8 ``[bits, out, ceil(in/8)]`` -> the unsigned codes ``u = (v + 2^bits - 1) / 2`` int32
     ``[out, in]``."""
-    return (planes_to_bipolar(unpack_planes(planes, in_features)) + bipolar_limit(planes.shape[0])) // 2
+    return unpack_code_planes(planes, in_features)
 
 
 def nibble_chunks(
@@ -134,7 +131,7 @@ def unprepack_bitplanes(weight: CpuBitplaneWeight, bits: int) -> torch.Tensor:
     codes = unprepack_codes(weight.stacked).to(torch.int32)  # [in, chunks * out]
     chunks = codes.unflatten(1, (weight.chunks, -1))
     combined = sum(chunks[:, c] << (NIBBLE * c) for c in range(weight.chunks))  # [in, out]
-    return pack_planes(bit_planes(codes_to_bipolar(combined.t(), bits), bits))
+    return pack_code_planes(combined.t(), bits)
 
 
 def bitplane_linear_cpu(

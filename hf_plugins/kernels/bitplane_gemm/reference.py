@@ -111,6 +111,30 @@ def unpack_planes(packed: torch.Tensor, k: int) -> torch.Tensor:
     return (2 * bits.flatten(-2)[..., :k] - 1).to(torch.int8)
 
 
+def pack_code_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[N, K]`` (``0 .. 2^bits - 1``) -> packed planes ``[bits, N, ceil(K/8)]`` uint8, equal to
+    ``pack_planes(bit_planes(codes_to_bipolar(codes, bits), bits))`` (plane ``i`` is +1 where bit ``i`` of the code
+    is set) without building the ``[bits, N, K]`` planes: one uint8 pass per plane, for loading whole models."""
+    _check_bits(bits)
+    rows, k = codes.shape
+    grouped = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-k) % 8)).view(rows, -1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
+    packed = torch.empty(bits, rows, grouped.shape[1], dtype=torch.uint8, device=codes.device)
+    for plane in range(bits):
+        torch.sum(((grouped >> plane) & 1) << shifts, dim=-1, dtype=torch.uint8, out=packed[plane])
+    return packed
+
+
+def unpack_code_planes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_code_planes`: ``[bits, N, ceil(K/8)]`` uint8 -> unsigned codes ``[N, K]`` int32
+    (``(v + 2^bits - 1) / 2`` of the bipolar values the planes hold)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    codes = torch.zeros(packed.shape[1], packed.shape[2] * 8, dtype=torch.int32, device=packed.device)
+    for plane in range(packed.shape[0]):
+        codes |= ((packed[plane].unsqueeze(-1) >> shifts) & 1).flatten(-2).to(torch.int32) << plane
+    return codes[:, :k]
+
+
 def pack_for_triton(planes: torch.Tensor) -> torch.Tensor:
     """``[bits, N, ceil(K/8)]`` uint8 planes (:func:`pack_planes`) -> the Triton kernels' int32 words
     ``[bits, ceil(K/32), N]``: bit ``j`` of word ``(i, w, n)`` is plane ``i`` at input ``32 w + j`` (padding 0)."""

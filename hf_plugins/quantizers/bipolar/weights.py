@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.bitplane_gemm import affine_to_bipolar, bit_planes, codes_to_bipolar, pack_planes
+from ...kernels.bitplane_gemm import affine_to_bipolar, pack_code_planes
 from ..awq.int_quant import quantize_groupwise
 
 
@@ -20,6 +20,5 @@ def quantize_weight_bipolar(
     offsets [groups, out])`` float32, with ``w ~ scales * v + offsets`` per group."""
     # AWQ's own grid (fp16-exact scales, as its checkpoints store them), so searches and results carry over.
     codes, scales, zeros = quantize_groupwise(weight, bits, group_size)
-    values = codes_to_bipolar(codes, bits)
     bipolar_scales, offsets = affine_to_bipolar(scales, zeros, bits)
-    return pack_planes(bit_planes(values, bits)), bipolar_scales.t().contiguous(), offsets.t().contiguous()
+    return pack_code_planes(codes, bits), bipolar_scales.t().contiguous(), offsets.t().contiguous()
