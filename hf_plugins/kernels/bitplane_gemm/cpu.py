@@ -12,7 +12,8 @@ of :mod:`hf_plugins.kernels.awq_gemm.cpu`. The chunks are stacked along the outp
 M = 1). This is the bit-level decomposition of the GPU kernel at the granularity this CPU computes fastest
 (``benchmarks/bitplane_cpu.py``). Where the native q4dot kernel takes the layer, 5..8-bit weights instead keep
 their whole codes, one per byte, in a single chunk (``awq_gemm.prepack_codes``): the same bytes, half the integer
-work and no output sum (whole-model figures per width: ``benchmarks/awq_cpu_speed.py``, ``docs/awq-cpu.md``). The other routes measured on this project's CPUs lose: ``torch._int_mm``
+work and no output sum (whole-model figures per width: ``benchmarks/awq_cpu_speed.py``, ``docs/awq-cpu.md``).
+The other routes measured on this project's CPUs lose: ``torch._int_mm``
 (int8 x int8 -> int32) runs 3-16x slower than fp32 sgemm without VNNI, and an inductor-compiled dequant + GEMV
 7.7x slower than the int4 kernel at 1536 x 8960, M = 1 (``awq_gemm/cpu.py``).
 
@@ -55,12 +56,6 @@ def integer_zeros(scales: torch.Tensor, offsets: torch.Tensor, bits: int) -> tor
     return rounded.to(torch.int32)
 
 
-def unsigned_codes(planes: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Packed planes uint8 ``[bits, out, ceil(in/8)]`` -> the unsigned codes ``u = (v + 2^bits - 1) / 2`` int32
-    ``[out, in]``."""
-    return unpack_code_planes(planes, in_features)
-
-
 def nibble_chunks(
     planes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_features: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
@@ -78,7 +73,7 @@ def nibble_chunks(
     zeros = integer_zeros(scales, offsets, bits)
     if zeros is None or out_features % 8:
         return None
-    codes = unsigned_codes(planes, in_features)
+    codes = unpack_code_planes(planes, in_features)  # [out, in]
     chunks = []
     for shift in range(0, bits, NIBBLE):
         chunk_codes = (codes >> shift) & 0xF
@@ -116,7 +111,7 @@ def prepack_bitplanes(
         zeros = integer_zeros(scales, offsets, bits)
         if zeros is None:
             return None
-        codes = unsigned_codes(planes, in_features)
+        codes = unpack_code_planes(planes, in_features)  # [out, in]
         return CpuBitplaneWeight(prepack_codes(codes.t(), zeros, 2 * scales.float(), group, bits), 1)
     chunks = nibble_chunks(planes, scales, offsets, in_features)
     if chunks is None or in_features % 2:
