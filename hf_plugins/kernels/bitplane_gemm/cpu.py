@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from ..awq_gemm import CpuAwqWeight, awq_gemm_cpu, pack_awq, prepack, prepack_codes, unprepack_codes
-from ..awq_gemm.q4dot import q4dot_available, q4dot_shape_supported
 from .reference import (
     bipolar_limit,
     pack_code_planes,
@@ -107,12 +106,14 @@ def prepack_bitplanes(
     integer zero points (or an odd ``in_features``, which the int4 CPU layout cannot hold)."""
     bits = planes.shape[0]
     group = in_features if group_size == -1 else group_size
-    if bits > NIBBLE and q4dot_available() and q4dot_shape_supported(in_features, group):
+    if bits > NIBBLE:
         zeros = integer_zeros(scales, offsets, bits)
         if zeros is None:
             return None
         codes = unpack_code_planes(planes, in_features)  # [out, in]
-        return CpuBitplaneWeight(prepack_codes(codes.t(), zeros, 2 * scales.float(), group, bits), 1)
+        wide = prepack_codes(codes.t(), zeros, 2 * scales.float(), group, bits)
+        if wide is not None:
+            return CpuBitplaneWeight(wide, 1)
     chunks = nibble_chunks(planes, scales, offsets, in_features)
     if chunks is None or in_features % 2:
         return None
